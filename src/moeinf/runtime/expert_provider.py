@@ -1,0 +1,34 @@
+"""The contract between the decoder's MoE block and whatever supplies routed-expert weights.
+
+The MoE block never touches files: it routes, then asks a provider for the experts it needs and
+computes each one as it is handed over. Providers: `runtime.resident` (read once, keep: all-resident)
+and the budgeted expert cache (`runtime.expert_cache`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ExpertWeights(NamedTuple):
+    """One routed SwiGLU expert: down(silu(gate(x)) * up(x)). I = expert hidden, D = model hidden."""
+
+    gate_proj: torch.Tensor  # [I, D]
+    up_proj: torch.Tensor  # [I, D]
+    down_proj: torch.Tensor  # [D, I]
+
+
+class ExpertProvider(Protocol):
+    def experts(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield `(expert_id, weights)` once for each distinct id in `expert_ids`.
+
+        Order is the provider's choice: resident experts come first, missing ones as their
+        transfers complete, so the caller computes while the rest are in flight. The weights are
+        on the compute device in the compute dtype and stay valid only until the iterator is
+        advanced or closed (the cache may then reuse the slot).
+        """
+        ...
