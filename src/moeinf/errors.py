@@ -1,0 +1,110 @@
+"""The one exception tree of moeinf.
+
+Every error a user can cause or meet derives from `MoeinfError`; its `str()` is a one-line message the
+CLI prints on stderr (no traceback) before exiting with `exit_code`. Any module may add a subclass
+here (additive edits only); programming errors stay ordinary Python exceptions.
+"""
+
+from __future__ import annotations
+
+
+class MoeinfError(Exception):
+    """Base of every user-facing error. The message is one line, written for the user."""
+
+    exit_code: int = 1
+
+
+# --- model references and the catalog -----------------------------------------------------------
+
+
+class InvalidModelName(MoeinfError):
+    """A model reference or store name that cannot be parsed (empty, `..`, spaces, bad revision)."""
+
+    exit_code = 2
+
+
+class UnknownAlias(MoeinfError):
+    """A bare name that is neither a catalog alias nor a local directory."""
+
+    exit_code = 2
+
+
+# --- download -----------------------------------------------------------------------------------
+
+
+class DownloadError(MoeinfError):
+    """Base for failures while fetching a checkpoint from the hub."""
+
+
+class RepoNotFound(DownloadError):
+    """The hub has no such repository (or revision)."""
+
+
+class RevisionNotFound(DownloadError):
+    """The repository exists but the requested revision does not."""
+
+
+class GatedRepo(DownloadError):
+    """The repository needs an accepted licence and a token (HF_TOKEN)."""
+
+
+class NetworkError(DownloadError):
+    """The hub could not be reached."""
+
+
+class DiskFull(MoeinfError):
+    """Not enough free disk space for the operation."""
+
+
+class UnsafeCheckpoint(MoeinfError):
+    """A checkpoint that only ships pickle weights (`*.bin`, `*.pt`): refused, never unpickled."""
+
+
+class InvalidCheckpoint(MoeinfError):
+    """A checkpoint folder or repo missing required files (config.json, weights) or malformed."""
+
+
+# --- architectures and resharding ---------------------------------------------------------------
+
+
+class UnsupportedArchitecture(MoeinfError):
+    """A config whose model_type no adapter handles; the message lists the supported families."""
+
+
+class InvalidSpec(MoeinfError):
+    """A config with a setting the runtime does not understand (unknown routing, attention, ...)."""
+
+
+class UnmappedTensor(MoeinfError):
+    """A checkpoint tensor no adapter rule accounts for; the message names the tensor."""
+
+
+class ReshardError(MoeinfError):
+    """Resharding could not account for the checkpoint (missing, duplicated or mis-shaped tensors)."""
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class StoreError(MoeinfError):
+    """Base for problems with the local model store."""
+
+
+class ModelNotFound(StoreError):
+    """No complete model of that name in the store."""
+
+
+class IncompleteModel(StoreError):
+    """A model folder exists but its pull did not finish (no manifest)."""
+
+
+class UnsupportedStoreVersion(StoreError):
+    """A manifest written by a different store format version: `moeinf pull` again."""
+
+
+class CorruptModel(StoreError):
+    """Files in the store do not match their manifest (size or sha256)."""
+
+
+class StoreLocked(StoreError):
+    """Another process holds the lock on this model (a concurrent pull or rm)."""
