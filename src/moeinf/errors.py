@@ -108,3 +108,41 @@ class CorruptModel(StoreError):
 
 class StoreLocked(StoreError):
     """Another process holds the lock on this model (a concurrent pull or rm)."""
+
+
+# --- options and the expert cache ---------------------------------------------------------------
+
+
+class BadOption(MoeinfError):
+    """A command-line option or API parameter with a value moeinf cannot use."""
+
+    exit_code = 2
+
+
+class BudgetTooSmall(MoeinfError):
+    """A memory budget that cannot hold what one decode step needs (one layer's top-k experts)."""
+
+    exit_code = 2
+
+
+class DenseDoesNotFit(MoeinfError):
+    """The dense (non-expert) weights alone exceed the memory available on the compute device."""
+
+
+class CorruptExpertFile(StoreError):
+    """An expert file met during a run is truncated or malformed; the message names the file."""
+
+
+# --- generation (tokenizer, chat template, context) ---------------------------------------------
+
+
+class TokenizerError(MoeinfError):
+    """The checkpoint's tokenizer files are missing or unusable."""
+
+
+class ChatTemplateError(MoeinfError):
+    """The chat template failed to render (it may call raise_exception on an unsupported conversation)."""
+
+
+class ContextTooLong(MoeinfError):
+    """A prompt (or conversation) longer than the context the model was loaded with."""
