@@ -1,0 +1,35 @@
+"""Every environment variable moeinf reads, and the default paths derived from them.
+
+Values are read when asked for (functions, not module constants) so tests and long-lived processes
+see the current environment. The Hugging Face variables are read by huggingface_hub itself; they
+are listed here so that one file documents everything the program honours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# name -> what it does (the README's table is generated from this by hand; keep them in step)
+ENVIRONMENT: dict[str, str] = {
+    "MOEINF_HOME": "root of the model store (default ~/.moeinf); models live in $MOEINF_HOME/models",
+    "HF_ENDPOINT": "Hugging Face hub URL used by `pull` (default https://huggingface.co)",
+    "HF_HOME": "huggingface_hub's home (token file, cache); honoured as huggingface_hub does",
+    "HF_TOKEN": "access token for gated or private repos",
+    "HF_HUB_OFFLINE": "set to 1 to forbid network access in huggingface_hub",
+}
+
+
+def home() -> Path:
+    """The store root: $MOEINF_HOME, default ~/.moeinf."""
+    value = os.environ.get("MOEINF_HOME", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".moeinf"
+
+
+def hf_token() -> str | None:
+    """$HF_TOKEN if set (else huggingface_hub falls back to the token saved under HF_HOME)."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
