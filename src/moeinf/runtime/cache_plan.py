@@ -1,0 +1,131 @@
+"""Turning `--ram-mem` / `--gpu-mem` / `--policy` into an expert cache for one stored model.
+
+Decides the tiers (CPU: RAM is the compute tier; CUDA: GPU slots in front of pinned RAM slots), their
+slot counts from the budgets (or from free memory when none is given) and says why, for --verbose.
+A percentage budget is a share of the model's routed experts: `25%` holds a quarter of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moeinf.errors import DenseDoesNotFit
+from moeinf.models.spec import ModelSpec
+from moeinf.runtime.budget import default_budget_bytes, format_bytes, parse_size, slots_for
+from moeinf.runtime.expert_cache import ExpertCache
+from moeinf.runtime.expert_store import ExpertLayout, round_up
+from moeinf.runtime.policy import make_policy
+from moeinf.runtime.slot_pool import torch_dtype
+
+
+@dataclass
+class CachePlan:
+    device: torch.device
+    dtype: torch.dtype
+    layout: ExpertLayout
+    policy: str
+    slots: int  # compute tier (GPU on CUDA, RAM on CPU)
+    slot_bytes: int
+    host_slots: int = 0  # CUDA only: pinned RAM tier
+    host_slot_bytes: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.slots * self.slot_bytes + self.host_slots * self.host_slot_bytes
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def slot_bytes_for(layout: ExpertLayout, dtype: torch.dtype) -> int:
+    if dtype == torch_dtype(layout.dtype):
+        return layout.read_bytes  # raw slot: the file image, filled by one read
+    return round_up(3 * layout.hidden * layout.expert_dim * torch.empty(0, dtype=dtype).element_size())
+
+
+def plan_cache(
+    spec: ModelSpec,
+    *,
+    dense_bytes: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ram_mem: str | None = None,
+    gpu_mem: str | None = None,
+    policy: str = "lru",
+) -> CachePlan:
+    make_policy(policy)  # an unknown name fails here, before anything is allocated
+    layout = ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype)
+    n_experts = spec.num_experts * len(spec.moe_layers)
+    reasons: list[str] = []
+
+    def tier(budget: str | None, available: int, dense: int, slot_bytes: int, what: str) -> int:
+        if dense > available:
+            raise DenseDoesNotFit(
+                f"the dense weights ({format_bytes(dense)}) do not fit in the {format_bytes(available)} "
+                f"of {what} available"
+            )
+        total = n_experts * slot_bytes
+        if budget is None:
+            nbytes, why = default_budget_bytes(available, dense, total)
+            reasons.append(f"{what} budget {format_bytes(nbytes)} (default: {why})")
+        else:
+            size = parse_size(budget)
+            nbytes = size.resolve(total)
+            reasons.append(f"{what} budget {format_bytes(nbytes)} (from {size})")
+        slots = slots_for(nbytes, slot_bytes, num_experts_total=n_experts, min_slots=spec.top_k, what=what)
+        reasons.append(
+            f"{what} tier: {slots} of {n_experts} experts ({100 * slots / n_experts:.1f}%), "
+            f"{format_bytes(slot_bytes)} per slot"
+        )
+        return slots
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        gpu_slot = slot_bytes_for(layout, dtype)
+        slots = tier(gpu_mem, free, dense_bytes, gpu_slot, "GPU")
+        host_slot = layout.read_bytes
+        host_slots = tier(ram_mem, available_ram(), 0, host_slot, "RAM")
+        return CachePlan(device, dtype, layout, policy, slots, gpu_slot, host_slots, host_slot, reasons)
+    if gpu_mem is not None:
+        reasons.append("--gpu-mem ignored: no CUDA device in use")
+    cpu_slot = slot_bytes_for(layout, dtype)
+    slots = tier(ram_mem, available_ram(), dense_bytes, cpu_slot, "RAM")
+    return CachePlan(device, dtype, layout, policy, slots, cpu_slot, reasons=reasons)
+
+
+def build_cache(plan: CachePlan, expert_path, *, direct_io: bool = True) -> ExpertCache:
+    """Allocate the planned pools and start the transfer threads. `expert_path(layer, expert) -> Path`."""
+    return ExpertCache(
+        expert_path,
+        plan.layout,
+        slots=plan.slots,
+        policy=make_policy(plan.policy),
+        device=plan.device,
+        dtype=plan.dtype,
+        host_slots=plan.host_slots,
+        host_policy=make_policy(plan.policy) if plan.host_slots else None,
+        direct_io=direct_io,
+    )
+
+
+def describe(plan: CachePlan, cache: ExpertCache | None = None) -> list[str]:
+    lines = list(plan.reasons)
+    lines.append(f"policy: {plan.policy}")
+    if cache is not None:
+        mode = {"direct": "direct I/O (O_DIRECT)", "buffered": "buffered reads + POSIX_FADV_DONTNEED"}
+        lines.append(f"store reads: {mode.get(cache.reader.mode or '', 'decided at the first read')}")
+    return lines

@@ -1,0 +1,59 @@
+"""Budgets -> tiers: percentages, explicit sizes, the errors a user can meet, and what --verbose says."""
+
+import pytest
+import torch
+
+from moeinf.errors import BadOption, BudgetTooSmall, DenseDoesNotFit
+from moeinf.models.adapters import adapter_for
+from moeinf.runtime.cache_plan import describe, plan_cache
+from tests.fixtures.checkpoints import tiny_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def spec():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("mixtral", **tiny_config("mixtral")).to_dict()
+    return adapter_for(config).spec(config)
+
+
+def plan(spec, **kw):
+    return plan_cache(spec, dense_bytes=1000, device=CPU, dtype=torch.float32, **kw)
+
+
+def test_percentage_is_a_share_of_the_experts(spec):
+    n = spec.num_experts * len(spec.moe_layers)
+    p = plan(spec, ram_mem="50%")
+    assert p.slots == n // 2
+    assert plan(spec, ram_mem="100%").slots == n
+    assert any("50%" in line for line in describe(p))
+
+
+def test_explicit_bytes(spec):
+    one = plan(spec, ram_mem="100%").slot_bytes
+    assert plan(spec, ram_mem=str(one * spec.top_k + 10)).slots == spec.top_k
+
+
+def test_too_small_budget_says_how_much_is_needed(spec):
+    with pytest.raises(BudgetTooSmall, match="at least"):
+        plan(spec, ram_mem="1KiB")
+
+
+def test_bad_values_are_clear(spec):
+    with pytest.raises(BadOption):
+        plan(spec, ram_mem="lots")
+    with pytest.raises(BadOption, match="unknown policy"):
+        plan(spec, policy="mru")
+
+
+def test_dense_that_cannot_fit(spec):
+    with pytest.raises(DenseDoesNotFit):
+        plan_cache(spec, dense_bytes=1 << 60, device=CPU, dtype=torch.float32)
+
+
+def test_default_budget_is_explained(spec):
+    p = plan(spec)
+    assert p.slots >= spec.top_k
+    assert any("default" in line for line in describe(p))
