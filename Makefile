@@ -25,3 +25,25 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# --- demo model (engineer D): `make run` shows moeinf on the packaged demo MoE, offline ----------------
+DEMO_PROMPT ?= def parse_args(argv):
+DEMO_BUILD := build/demo_model
+DEMO_DEBS := python3.11-doc bible-kjv bible-kjv-text
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo-model
+
+run: $(STAMP)
+	$(BIN)/moeinf pull demo
+	$(BIN)/moeinf run demo "$(DEMO_PROMPT)" --max-tokens 64
+
+# Rebuilds src/moeinf/demo/ from scratch: Debian text packages -> corpus -> tokenizer -> ~35 min of training.
+demo-model: $(STAMP)
+	dpkg -s $(DEMO_DEBS) >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y $(DEMO_DEBS))
+	$(BIN)/python scripts/demo_model/corpus.py --out $(DEMO_BUILD)/corpus
+	$(BIN)/python scripts/demo_model/train_tokenizer.py --corpus $(DEMO_BUILD)/corpus --out $(DEMO_BUILD)/tokenizer
+	nice -n 19 $(BIN)/python scripts/demo_model/train.py --corpus $(DEMO_BUILD)/corpus \
+		--tokenizer $(DEMO_BUILD)/tokenizer --out $(DEMO_BUILD)/model --state $(DEMO_BUILD)/train_state.pt
+	cp $(DEMO_BUILD)/model/*.json $(DEMO_BUILD)/model/model.safetensors src/moeinf/demo/
+	$(BIN)/python scripts/demo_model/routing_stats.py --model src/moeinf/demo --corpus $(DEMO_BUILD)/corpus

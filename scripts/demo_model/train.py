@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--per-domain", type=int, default=4, help="sequences per domain per step")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--save-every", type=int, default=100)
