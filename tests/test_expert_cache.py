@@ -216,3 +216,21 @@ def test_reader_mode_is_reported(store):
     reader.read_into(path_of(0, 0), memoryview(buf))
     assert reader.mode in ("direct", "buffered")
     assert ExpertReader(layout, direct=False).mode == "buffered"
+
+
+def test_bulk_prefill_does_not_flush_the_working_set(store):
+    layout, path_of = store
+    cache = make_cache(path_of, layout, 4, bulk_threshold=2)
+    collect(cache, 0, [0, 1], path_of)  # decode-sized requests fill the pool normally
+    collect(cache, 0, [2, 3], path_of)
+    working_set = cache.resident()
+    assert len(working_set) == 4
+    assert sorted(collect(cache, 1, list(range(EXPERTS)), path_of)) == list(range(EXPERTS))
+    assert cache.resident() == working_set
+    assert cache.stats.layer(1).bypassed == EXPERTS
+    # With free slots a bulk request uses them first: a fresh cache keeps what prefill read.
+    fresh = make_cache(path_of, layout, 4, bulk_threshold=2)
+    collect(fresh, 2, list(range(EXPERTS)), path_of)
+    assert len(fresh.resident()) == 4 and fresh.stats.layer(2).bypassed == EXPERTS - 4
+    cache.close()
+    fresh.close()

@@ -30,6 +30,8 @@ class CachePlan:
     slot_bytes: int
     host_slots: int = 0  # CUDA only: pinned RAM tier
     host_slot_bytes: int = 0
+    top_k: int = 1  # a request for more experts of a layer than this is a bulk (prefill) request
+    scratch_slots: int = 2  # beyond the budget: transient slots for bulk misses (stated overhead)
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -99,12 +101,14 @@ def plan_cache(
         slots = tier(gpu_mem, free, dense_bytes, gpu_slot, "GPU")
         host_slot = layout.read_bytes
         host_slots = tier(ram_mem, available_ram(), 0, host_slot, "RAM")
-        return CachePlan(device, dtype, layout, policy, slots, gpu_slot, host_slots, host_slot, reasons)
+        return CachePlan(
+            device, dtype, layout, policy, slots, gpu_slot, host_slots, host_slot, spec.top_k, reasons=reasons
+        )
     if gpu_mem is not None:
         reasons.append("--gpu-mem ignored: no CUDA device in use")
     cpu_slot = slot_bytes_for(layout, dtype)
     slots = tier(ram_mem, available_ram(), dense_bytes, cpu_slot, "RAM")
-    return CachePlan(device, dtype, layout, policy, slots, cpu_slot, reasons=reasons)
+    return CachePlan(device, dtype, layout, policy, slots, cpu_slot, top_k=spec.top_k, reasons=reasons)
 
 
 def build_cache(plan: CachePlan, expert_path, *, direct_io: bool = True) -> ExpertCache:
@@ -119,12 +123,16 @@ def build_cache(plan: CachePlan, expert_path, *, direct_io: bool = True) -> Expe
         host_slots=plan.host_slots,
         host_policy=make_policy(plan.policy) if plan.host_slots else None,
         direct_io=direct_io,
+        bulk_threshold=plan.top_k,
+        scratch_slots=plan.scratch_slots,
     )
 
 
 def describe(plan: CachePlan, cache: ExpertCache | None = None) -> list[str]:
     lines = list(plan.reasons)
     lines.append(f"policy: {plan.policy}")
+    scratch = plan.scratch_slots * plan.slot_bytes
+    lines.append(f"overhead beyond the budget: {plan.scratch_slots} scratch slots ({format_bytes(scratch)})")
     if cache is not None:
         mode = {"direct": "direct I/O (O_DIRECT)", "buffered": "buffered reads + POSIX_FADV_DONTNEED"}
         lines.append(f"store reads: {mode.get(cache.reader.mode or '', 'decided at the first read')}")

@@ -17,6 +17,7 @@ class LayerStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
+    bypassed: int = 0  # misses served from a scratch slot, evicting nothing (bulk prefill)
     bytes_read: int = 0  # from the store (disk)
     bytes_h2d: int = 0  # host -> device copies
     stall_s: float = 0.0  # time the model waited for experts

@@ -29,12 +29,17 @@ EMPTY, FILLING, READY = 0, 1, 2
 
 
 class Tier:
-    """Residency bookkeeping of one slot pool. Callers hold the cache's lock."""
+    """Residency bookkeeping of one slot pool. Callers hold the cache's lock.
 
-    def __init__(self, pool: SlotPool, policy: Policy) -> None:
+    The last `scratch` slots are transient: they serve a miss once and are freed after use, without
+    evicting anything and unseen by the policy (a bulk prefill must not flush the decode working set).
+    """
+
+    def __init__(self, pool: SlotPool, policy: Policy, scratch: int = 0) -> None:
         self.pool = pool
         self.policy = policy
         n = pool.slots
+        self.regular = n - scratch
         self.slot_of: dict[ExpertKey, int] = {}
         self.key_of: list[ExpertKey | None] = [None] * n
         self.state = [EMPTY] * n
@@ -43,12 +48,16 @@ class Tier:
         self.error: list[BaseException | None] = [None] * n
         self.used_event: list[object | None] = [None] * n  # CUDA: last compute use of the slot
         self.ready_event: list[object | None] = [None] * n  # CUDA: the copy that filled the slot
-        self.free = list(range(n - 1, -1, -1))
+        self.free = list(range(self.regular - 1, -1, -1))
+        self.scratch_free = list(range(n - 1, self.regular - 1, -1))
         self.on_evict: Callable[[ExpertKey], None] | None = None
+
+    def transient(self, slot: int) -> bool:
+        return slot >= self.regular
 
     def evictable(self, key: ExpertKey) -> bool:
         slot = self.slot_of[key]
-        return self.state[slot] == READY and self.pins[slot] == 0
+        return self.state[slot] == READY and self.pins[slot] == 0 and not self.transient(slot)
 
     def take(self) -> int | None:
         """A free slot, evicting the policy's victim if needed; None if every slot is busy."""
@@ -66,18 +75,21 @@ class Tier:
         self.key_of[slot] = key
         self.state[slot] = FILLING
         self.error[slot] = None
-        self.policy.on_insert(key)
+        if not self.transient(slot):
+            self.policy.on_insert(key)
 
     def drop(self, key: ExpertKey) -> int:
         slot = self.slot_of.pop(key)
         self.key_of[slot] = None
         self.state[slot] = EMPTY
         self.job[slot] = None
-        self.policy.on_evict(key)
+        if not self.transient(slot):
+            self.policy.on_evict(key)
         return slot
 
     def release(self, key: ExpertKey) -> None:
-        self.free.append(self.drop(key))
+        slot = self.drop(key)
+        (self.scratch_free if self.transient(slot) else self.free).append(slot)
 
 
 class ExpertCache:
@@ -96,6 +108,8 @@ class ExpertCache:
         host_policy: Policy | None = None,
         workers: int = 4,
         direct_io: bool = True,
+        bulk_threshold: int | None = None,
+        scratch_slots: int = 2,
     ) -> None:
         self.expert_path = expert_path
         self.layout = layout
@@ -122,7 +136,11 @@ class ExpertCache:
             direct_io = direct_io and host.buffer.data_ptr() % 4096 == 0
         else:
             self.host = None
-        self.tier = Tier(SlotPool(slots, layout, device=device, dtype=dtype, raw=raw), policy)
+        # A request for more than `bulk_threshold` experts of one layer (a prefill) is served without
+        # evicting: free slots first, then the scratch slots.
+        self.bulk_threshold = bulk_threshold
+        pool = SlotPool(slots + scratch_slots, layout, device=device, dtype=dtype, raw=raw)
+        self.tier = Tier(pool, policy, scratch=scratch_slots)
         self.tier.on_evict = self._evicted
         self.reader = ExpertReader(layout, direct=direct_io)
         self._staging = threading.local()  # per worker: a page-aligned buffer for reads that need conversion
@@ -137,6 +155,7 @@ class ExpertCache:
         pending: list[ExpertKey] = []  # pinned in the tier: ready or in flight
         deferred: deque[ExpertKey] = deque()  # missing, waiting for a slot
         current: ExpertKey | None = None
+        bulk = self.bulk_threshold is not None and len(keys) > self.bulk_threshold
         with self._cv:
             for key in keys:
                 slot = tier.slot_of.get(key)
@@ -156,14 +175,14 @@ class ExpertCache:
                 else:
                     stats.misses += 1
                     deferred.append(key)
-            self._start(deferred, pending)
+            self._start(deferred, pending, bulk)
             plan = [k for k in self.policy.plan_prefetch(layer, [k.expert for k in keys]) if k not in keys]
             if plan:
                 self._prefetch_locked(plan)
         try:
             while pending or deferred:
                 with self._cv:
-                    self._start(deferred, pending)
+                    self._start(deferred, pending, bulk)
                     current = next((k for k in pending if tier.state[tier.slot_of[k]] == READY), None)
                     if current is None:
                         current = next((k for k in pending if tier.error[tier.slot_of[k]] is not None), None)
@@ -222,10 +241,16 @@ class ExpertCache:
 
     # --- internals (call with the lock held unless said otherwise) ---------------------------------
 
-    def _start(self, deferred: deque[ExpertKey], pending: list[ExpertKey]) -> None:
+    def _start(self, deferred: deque[ExpertKey], pending: list[ExpertKey], bulk: bool) -> None:
         """Give deferred demand misses slots as they become available and queue their reads."""
+        tier = self.tier
         while deferred:
-            slot = self.tier.take()
+            if bulk and not tier.free:
+                slot = tier.scratch_free.pop() if tier.scratch_free else None
+                if slot is not None:
+                    self.stats.layer(deferred[0].layer).bypassed += 1
+            else:
+                slot = tier.take()
             if slot is None:
                 if not self._cancel_one_prefetch():
                     return
@@ -280,6 +305,8 @@ class ExpertCache:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             tier.used_event[slot] = event
+        if tier.transient(slot) and tier.pins[slot] == 0 and tier.state[slot] == READY:
+            tier.release(key)
         self._cv.notify_all()
 
     def _evicted(self, key: ExpertKey) -> None:
