@@ -7,6 +7,7 @@ A percentage budget is a share of the model's routed experts: `25%` holds a quar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -137,3 +138,36 @@ def describe(plan: CachePlan, cache: ExpertCache | None = None) -> list[str]:
         mode = {"direct": "direct I/O (O_DIRECT)", "buffered": "buffered reads + POSIX_FADV_DONTNEED"}
         lines.append(f"store reads: {mode.get(cache.reader.mode or '', 'decided at the first read')}")
     return lines
+
+
+def cache_factory(
+    *,
+    ram_mem: str | None = None,
+    gpu_mem: str | None = None,
+    policy: str = "lru",
+    on_plan: Callable[[CachePlan, ExpertCache], None] | None = None,
+) -> Callable[..., ExpertCache]:
+    """A provider factory for `Engine.load(provider=...)`: (stored model, device, dtype) -> ExpertCache.
+
+    `on_plan` receives the plan and the cache once built (the CLI prints `describe()` with --verbose).
+    """
+
+    def make(stored, device: torch.device, dtype: torch.dtype) -> ExpertCache:
+        spec = stored.manifest.spec
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        dense_bytes = stored.dense_path.stat().st_size * itemsize // torch_dtype(spec.dtype).itemsize
+        plan = plan_cache(
+            spec,
+            dense_bytes=dense_bytes,
+            device=device,
+            dtype=dtype,
+            ram_mem=ram_mem,
+            gpu_mem=gpu_mem,
+            policy=policy,
+        )
+        cache = build_cache(plan, stored.expert_path)
+        if on_plan is not None:
+            on_plan(plan, cache)
+        return cache
+
+    return make
