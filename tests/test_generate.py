@@ -38,7 +38,7 @@ class PrefixHashDecoderDouble:
         seed = int.from_bytes(hashlib.sha256(repr(prefix).encode()).digest()[:8], "little")
         return torch.randn(self.vocab, generator=torch.Generator().manual_seed(seed))
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         assert tokens.dtype == torch.long and tokens.dim() == 1 and len(tokens) >= 1
         assert start_pos <= len(self.cache), "attends to positions that were never written"
         assert start_pos + len(tokens) <= self.max_seq_len, "past the preallocated KV cache"
@@ -48,7 +48,7 @@ class PrefixHashDecoderDouble:
         for t in tokens.tolist():
             self.cache.append(t)
             rows.append(self._logits(self.cache))
-        return torch.stack(rows)  # [T, V]
+        return torch.stack(rows[-1:] if last_only else rows)  # [T, V]
 
     def reset(self) -> None:
         self.cache.clear()

@@ -26,8 +26,9 @@ FinishReason = Literal["stop", "length", "eos"]
 class StepDecoder(Protocol):
     """What generation needs of the model (moeinf.models.transformer.Decoder)."""
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """tokens [T] at positions start_pos.. -> fp32 logits [T, V]; writes the KV cache there."""
+    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> fp32 logits [T, V] ([1, V] with last_only); writes the
+        KV cache there."""
         ...
 
     def reset(self) -> None: ...
@@ -132,7 +133,7 @@ def forward(target: GenerationTarget, tokens: torch.Tensor, start_pos: int) -> t
     """Run the decoder on tokens [T] at start_pos and keep `kv_tokens` true even if interrupted."""
     del target.kv_tokens[start_pos:]  # positions from start_pos on are (being) overwritten
     with torch.inference_mode():
-        logits = target.decoder.forward(tokens, start_pos)  # [T, V]
+        logits = target.decoder.forward(tokens, start_pos, last_only=True)  # [1, V]
     target.kv_tokens.extend(tokens.tolist())
     return logits[-1]  # [V]
 
