@@ -146,3 +146,16 @@ class ChatTemplateError(MoeinfError):
 
 class ContextTooLong(MoeinfError):
     """A prompt (or conversation) longer than the context the model was loaded with."""
+
+
+class ModelExists(StoreError):
+    """A different model already has the requested store name."""
+
+
+# --- routing traces and the trace library -------------------------------------------------------
+
+
+class InvalidTrace(MoeinfError):
+    """A routing trace file (.npz) that is missing fields or has inconsistent shapes or values."""
+
+    exit_code = 2
