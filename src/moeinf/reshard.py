@@ -164,6 +164,8 @@ class Resharder:
         self.state["shards"][name] = sorted(tensors)
         self._seen.update(tensors)
         self._save_state()
+        if progress:
+            progress(total, total)
         for stale in consumed:  # only after the state no longer points at them
             stale.unlink(missing_ok=True)
 

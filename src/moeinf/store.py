@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from moeinf import manifest as manifest_io
 from moeinf import settings
@@ -72,6 +75,37 @@ class StoredModel:
     @property
     def modified(self) -> float:
         return (self.path / MANIFEST).stat().st_mtime
+
+    def info(self) -> dict[str, Any]:
+        """What `list --json` / `show --json` print: plain JSON-able facts about the model."""
+        from moeinf.models.weights import dense_shapes
+
+        spec, source = self.manifest.spec, self.manifest.source
+        dense_params = sum(math.prod(shape) for shape in dense_shapes(spec).values())
+        moe_layers = len(spec.moe_layers)
+        itemsize = {"float32": 4}.get(spec.dtype, 2)
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "architecture": spec.family,
+            "num_layers": spec.num_layers,
+            "num_moe_layers": moe_layers,
+            "num_experts": spec.num_experts,
+            "top_k": spec.top_k,
+            "num_shared_experts": spec.num_shared_experts,
+            "hidden_size": spec.hidden_size,
+            "expert_dim": spec.expert_dim,
+            "dtype": spec.dtype,
+            "params_total": dense_params + moe_layers * spec.num_experts * spec.expert_params,
+            "params_active": dense_params + moe_layers * spec.top_k * spec.expert_params,
+            "bytes_per_expert": spec.expert_params * itemsize,
+            "source": source.describe(),
+            "repo": source.repo,
+            "revision": source.revision,
+            "commit": source.commit,
+            "modified": datetime.fromtimestamp(self.modified, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
 
     def verify(self, progress: VerifyProgress | None = None) -> list[str]:
         """Re-hash every file; return one problem line per missing, resized or corrupted file."""
