@@ -8,68 +8,19 @@ real decoder under `generate` is tested end to end in test_run_e2e.py.
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
-import torch
 
 from moeinf.errors import BadOption, ContextTooLong
-from moeinf.runtime.engine import Engine
 from moeinf.runtime.generate import GenerationParams, complete, generate
 from moeinf.runtime.sampling import SamplingParams
 from moeinf.runtime.tokenizer import Tokenizer
+from tests.support_generation import PrefixHashDecoderDouble, make_engine
 from tests.support_tokenizers import write_bytelevel_style
-
-
-class PrefixHashDecoderDouble:
-    """Test double: logits[p] = randn seeded by hash(tokens[0..p]); `script[n]` forces the token after n."""
-
-    def __init__(self, vocab: int, max_seq_len: int, script: dict[int, int] | None = None) -> None:
-        self.vocab, self.max_seq_len, self.script = vocab, max_seq_len, script or {}
-        self.cache: list[int] = []
-        self.calls: list[tuple[list[int], int]] = []
-        self.resets = 0
-
-    def _logits(self, prefix: list[int]) -> torch.Tensor:
-        if len(prefix) in self.script:
-            row = torch.full((self.vocab,), -10.0)
-            row[self.script[len(prefix)]] = 10.0
-            return row
-        seed = int.from_bytes(hashlib.sha256(repr(prefix).encode()).digest()[:8], "little")
-        return torch.randn(self.vocab, generator=torch.Generator().manual_seed(seed))
-
-    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
-        assert tokens.dtype == torch.long and tokens.dim() == 1 and len(tokens) >= 1
-        assert start_pos <= len(self.cache), "attends to positions that were never written"
-        assert start_pos + len(tokens) <= self.max_seq_len, "past the preallocated KV cache"
-        self.calls.append((tokens.tolist(), start_pos))
-        del self.cache[start_pos:]
-        rows = []
-        for t in tokens.tolist():
-            self.cache.append(t)
-            rows.append(self._logits(self.cache))
-        return torch.stack(rows[-1:] if last_only else rows)  # [T, V]
-
-    def reset(self) -> None:
-        self.cache.clear()
-        self.resets += 1
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     return Tokenizer.from_dir(write_bytelevel_style(tmp_path_factory.mktemp("tok")))
-
-
-def make_engine(tokenizer: Tokenizer, *, context: int = 256, script=None, eos=None) -> Engine:
-    eos_ids = frozenset([tokenizer.eos_token_id]) if eos is None else frozenset(eos)
-    return Engine(
-        decoder=PrefixHashDecoderDouble(tokenizer.vocab_size, context, script),
-        tokenizer=tokenizer,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        context_length=context,
-        eos_token_ids=eos_ids,
-    )
 
 
 def reference_greedy(tokenizer: Tokenizer, prompt: list[int], n: int) -> list[int]:

@@ -1,0 +1,185 @@
+"""`moeinf run MODEL [PROMPT]`: chat with a model, like `ollama run`.
+
+Interactive REPL when no prompt is given and stdin is a terminal; otherwise one answer and exit. Piped
+stdin is read whole and put before PROMPT. Output streams to stdout (plain text when it is not a
+terminal), `--verbose` writes ollama's statistics block to stderr, `--format json` writes exactly one
+JSON object. A model that is not in the store is pulled first. Torch is imported only when the
+command runs (through the engine), so `moeinf --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from moeinf.errors import BadOption, MoeinfError
+
+
+def run(
+    model: Annotated[str, typer.Argument(help="Model: store name, alias, org/repo or local directory.")],
+    prompt: Annotated[
+        str | None, typer.Argument(help="Prompt; without it (and with a terminal) starts a chat.")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show timings and statistics on stderr.")
+    ] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template: tokenize the prompt as is.")] = False,
+    format: Annotated[str | None, typer.Option("--format", help="Output format: json.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the model's).")] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")] = None,
+    min_p: Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min_p * p(top).")] = None,
+    repeat_penalty: Annotated[
+        float | None, typer.Option("--repeat-penalty", help="Penalise tokens already in the context.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Stop after this many new tokens.")
+    ] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")
+    ] = None,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence (benchmarks).")
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System message (chat template).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all available).")] = None,
+    num_ctx: Annotated[
+        int | None, typer.Option("--num-ctx", help="Context length to allocate (default 4096).")
+    ] = None,
+) -> None:
+    """Run a model: chat in a terminal, or answer PROMPT (with piped stdin before it) and exit."""
+    try:
+        if format not in (None, "json"):
+            raise BadOption(f"unknown --format {format!r} (only json)")
+        stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
+        text = " ".join(t for t in (stdin_text, prompt) if t)  # ollama joins them with a space
+        interactive = prompt is None and stdin_text is None and format is None
+        if not interactive and not text.strip():
+            raise BadOption("no prompt: give PROMPT, pipe text on stdin, or run in a terminal to chat")
+
+        engine = _load(model, device=device, threads=threads, num_ctx=num_ctx)
+        session = _session(
+            engine,
+            raw=raw,
+            system=system,
+            overrides={
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "min_p": min_p,
+                "repeat_penalty": repeat_penalty,
+                "seed": seed,
+            },
+            max_tokens=max_tokens,
+            stop=tuple(stop or ()),
+            ignore_eos=ignore_eos,
+        )
+        if interactive:
+            _repl(session, verbose=verbose)
+        elif format == "json":
+            _answer_json(session, text, verbose=verbose)
+        else:
+            _answer_text(session, text, verbose=verbose)
+    except MoeinfError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise typer.Exit(130) from None
+
+
+def _load(model: str, *, device: str, threads: int | None, num_ctx: int | None):
+    from moeinf.runtime.engine import Engine
+
+    status = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        status = Console(stderr=True).status("loading model…", spinner="dots")
+        status.start()
+    try:
+        return Engine.load(
+            model, device=device, threads=threads, context_length=num_ctx, progress=_pull_progress
+        )
+    finally:
+        if status is not None:
+            status.stop()
+
+
+def _pull_progress(event) -> None:
+    """Progress of a pull that `run` starts (the model was not in the store): plain lines on stderr,
+    one per status message and one per finished file."""
+    if event.kind in ("status", "done") and event.message:
+        print(event.message, file=sys.stderr, flush=True)
+    elif event.kind == "file" and event.total is not None and event.done >= event.total:
+        print(
+            f"{event.phase or 'pull'} {event.file}: {event.total / 1e6:.1f} MB", file=sys.stderr, flush=True
+        )
+
+
+def _session(engine, *, raw: bool, system: str | None, overrides: dict, max_tokens, stop, ignore_eos):
+    from moeinf.cli.session import ChatSession
+    from moeinf.runtime.generate import GenerationParams
+
+    sampling = engine.default_sampling().replace(**{k: v for k, v in overrides.items() if v is not None})
+    params = GenerationParams(max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos, sampling=sampling)
+    return ChatSession(engine, params, raw=raw, system=system)
+
+
+def _repl(session, *, verbose: bool) -> None:
+    from moeinf.cli.repl import Repl
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # not on every platform
+        pass
+    Repl(session, verbose=verbose).run()
+
+
+def _answer_text(session, text: str, *, verbose: bool) -> None:
+    from moeinf.cli.session import display_start, format_stats
+
+    start = time.perf_counter()
+    started, last, last_shown = session.raw, None, ""
+    for last in session.ask(text):
+        shown, started = display_start(last.text, started)
+        if shown:
+            sys.stdout.write(shown)
+            sys.stdout.flush()
+            last_shown = shown
+    if not last_shown.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose and last is not None:
+        total = time.perf_counter() - start
+        print(format_stats(session.engine.load_s, total, last.timings, last.cache), file=sys.stderr)
+
+
+def _answer_json(session, text: str, *, verbose: bool) -> None:
+    from moeinf.cli.session import format_stats, stats_dict
+    from moeinf.runtime.generate import complete
+
+    start = time.perf_counter()
+    prompt_ids = session.prompt_ids(text)
+    result = complete(session.engine, prompt_ids, session.params)
+    total = time.perf_counter() - start
+    out = {
+        "model": session.engine.name,
+        "text": result.text if session.raw else result.text.lstrip(),
+        "token_ids": result.token_ids,
+        "prompt_token_ids": result.prompt_token_ids,
+        "finish_reason": result.finish_reason,
+        "stats": stats_dict(session.engine.load_s, total, result.timings, result.cache),
+    }
+    sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    if verbose:
+        print(format_stats(session.engine.load_s, total, result.timings, result.cache), file=sys.stderr)
