@@ -1,0 +1,59 @@
+"""Routing recorder and replay, without a decoder: what goes in comes out, shapes are checked."""
+
+import numpy as np
+import pytest
+import torch
+
+from moeinf.errors import InvalidTrace
+from moeinf.runtime.routing_hooks import HookChain, RoutingRecorder, RoutingReplay
+from moeinf.runtime.trace import make_trace
+
+
+def forward(hook, ids_per_layer):
+    """Play one decoder forward: ids_per_layer [L] of [T, K]; returns what the hook made of them."""
+    out = []
+    for layer, ids in enumerate(ids_per_layer):
+        weights = torch.full(ids.shape, 0.5)
+        out.append(hook.on_route(layer, weights, ids))
+    return out
+
+
+def test_recorder_builds_requests_and_eam():
+    rec = RoutingRecorder(num_moe_layers=2, num_experts=4, top_k=2)
+    forward(rec, [torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 2], [1, 3]])])  # prefill of 2 tokens
+    forward(rec, [torch.tensor([[0, 3]]), torch.tensor([[2, 3]])])  # one decode step
+    eam = rec.current_eam()
+    assert eam.tolist() == [[2, 1, 1, 2], [0, 2, 2, 2]]
+    routing = rec.end_request()
+    assert routing.shape == (3, 2, 2)
+    assert rec.end_request() is None  # nothing routed since
+    trace = rec.trace(model="x")
+    assert trace.num_requests == 1 and trace.meta["model"] == "x"
+    assert trace.probs is not None and trace.probs.shape == (3, 2, 2)
+
+
+def test_replay_forces_the_trace_and_wraps():
+    experts = np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]], [[3, 2], [1, 0]]], dtype=np.int16)  # [3, 2, 2]
+    trace = make_trace([experts], num_experts=4)
+    replay = RoutingReplay(trace, num_moe_layers=2, num_experts=4, top_k=2)
+    got = forward(replay, [torch.zeros(2, 2, dtype=torch.long)] * 2)  # a 2-token forward
+    assert got[0][1].tolist() == [[0, 1], [1, 2]] and got[1][1].tolist() == [[2, 3], [3, 0]]
+    assert torch.allclose(got[0][0], torch.full((2, 2), 0.5))  # no probs recorded: 1/K
+    got = forward(replay, [torch.zeros(2, 2, dtype=torch.long)] * 2)  # wraps around
+    assert got[0][1].tolist() == [[3, 2], [0, 1]]
+
+
+def test_chain_records_what_replay_forced():
+    experts = np.array([[[0, 1]], [[2, 3]]], dtype=np.int16)
+    replay = RoutingReplay(make_trace([experts], num_experts=4), num_moe_layers=1, num_experts=4, top_k=2)
+    rec = RoutingRecorder(1, 4, 2)
+    chain = HookChain([replay, rec])
+    forward(chain, [torch.tensor([[3, 2]])])
+    forward(chain, [torch.tensor([[3, 2]])])
+    assert rec.end_request().tolist() == experts.tolist()
+
+
+def test_replay_shape_mismatch_is_clear():
+    trace = make_trace([np.tile(np.array([0, 1], np.int16), (2, 3, 1))], num_experts=4)
+    with pytest.raises(InvalidTrace, match="3 layers x 4 experts, top-2; this model has 2 MoE layers"):
+        RoutingReplay(trace, num_moe_layers=2, num_experts=4, top_k=2)
