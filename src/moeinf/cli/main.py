@@ -14,6 +14,7 @@ from moeinf import __version__
 from moeinf.cli.list import list_models
 from moeinf.cli.pull import pull
 from moeinf.cli.rm import rm
+from moeinf.cli.run import run
 from moeinf.cli.show import show
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.command("list")(list_models)
 app.command("ls", hidden=True)(list_models)
 app.command("show")(show)
 app.command("rm")(rm)
+app.command("run")(run)
 
 
 def _version(value: bool) -> None:

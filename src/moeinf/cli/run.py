@@ -16,7 +16,8 @@ from typing import Annotated
 
 import typer
 
-from moeinf.errors import BadOption, MoeinfError
+from moeinf.cli import ui
+from moeinf.errors import BadOption
 
 
 def run(
@@ -56,7 +57,7 @@ def run(
     ] = None,
 ) -> None:
     """Run a model: chat in a terminal, or answer PROMPT (with piped stdin before it) and exit."""
-    try:
+    with ui.errors():
         if format not in (None, "json"):
             raise BadOption(f"unknown --format {format!r} (only json)")
         stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
@@ -88,41 +89,14 @@ def run(
             _answer_json(session, text, verbose=verbose)
         else:
             _answer_text(session, text, verbose=verbose)
-    except MoeinfError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        raise typer.Exit(130) from None
 
 
 def _load(model: str, *, device: str, threads: int | None, num_ctx: int | None):
     from moeinf.runtime.engine import Engine
 
-    status = None
-    if sys.stderr.isatty():
-        from rich.console import Console
-
-        status = Console(stderr=True).status("loading model…", spinner="dots")
-        status.start()
-    try:
-        return Engine.load(
-            model, device=device, threads=threads, context_length=num_ctx, progress=_pull_progress
-        )
-    finally:
-        if status is not None:
-            status.stop()
-
-
-def _pull_progress(event) -> None:
-    """Progress of a pull that `run` starts (the model was not in the store): plain lines on stderr,
-    one per status message and one per finished file."""
-    if event.kind in ("status", "done") and event.message:
-        print(event.message, file=sys.stderr, flush=True)
-    elif event.kind == "file" and event.total is not None and event.done >= event.total:
-        print(
-            f"{event.phase or 'pull'} {event.file}: {event.total / 1e6:.1f} MB", file=sys.stderr, flush=True
-        )
+    # A model that is not in the store is pulled first, with pull's progress display on stderr.
+    with ui.PullDisplay() as display:
+        return Engine.load(model, device=device, threads=threads, context_length=num_ctx, progress=display)
 
 
 def _session(engine, *, raw: bool, system: str | None, overrides: dict, max_tokens, stop, ignore_eos):
