@@ -1,0 +1,87 @@
+"""The MoE block: route with `route()`, then compute each routed expert as the ExpertProvider hands
+it over, plus the shared expert(s) (DeepSeek) or the sigmoid-gated shared expert (Qwen2-MoE).
+
+The block never touches files. With several tokens (prefill) the tokens of each expert are gathered,
+computed in one batch and scattered back with index_add_; with one token (decode) the expert's
+output is accumulated directly.
+
+Dimensions: T tokens, D hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeinf.models.layers import MLP, swiglu
+from moeinf.models.routing import route
+from moeinf.models.spec import ModelSpec
+from moeinf.runtime.expert_provider import ExpertProvider
+
+
+class Router(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size))  # [E, D]
+        if spec.routing.correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.empty(spec.num_experts))  # [E]
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, provider: ExpertProvider) -> None:
+        super().__init__()
+        self.router = Router(spec)
+        if spec.num_shared_experts:
+            self.shared = MLP(spec.hidden_size, spec.shared_expert_dim)
+        if spec.shared_expert_gate:
+            self.shared_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+        self.layer, self.top_k, self.routing = layer, spec.top_k, spec.routing
+        self.has_shared, self.has_shared_gate = spec.num_shared_experts > 0, spec.shared_expert_gate
+        self.provider = provider
+        self.last_ids: torch.Tensor | None = None  # [T, K] ids of the latest call, for tracing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        if r.logits_fp32:
+            logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
+        else:
+            logits = F.linear(x, self.router.weight)  # [T, E]
+        weights, ids = route(
+            logits,
+            top_k=self.top_k,
+            scoring=r.scoring,
+            renormalize=r.renormalize,
+            n_group=r.n_group,
+            topk_group=r.topk_group,
+            group_scoring=r.group_scoring,
+            correction_bias=self.router.e_score_correction_bias if r.correction_bias else None,
+            routed_scaling_factor=r.routed_scaling_factor,
+        )  # [T, K] x2
+        self.last_ids = ids
+        weights = weights.to(x.dtype)
+        out = self._experts(x, weights, ids) if x.shape[0] > 1 else self._experts_one(x, weights, ids)
+        if self.has_shared:
+            shared = self.shared(x)  # [T, D]
+            if self.has_shared_gate:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out
+
+    def _experts_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token: x [1, D], weights/ids [1, K]."""
+        slot = {e: k for k, e in enumerate(ids[0].tolist())}
+        out = torch.zeros_like(x)
+        for expert, w in self.provider.experts(self.layer, list(slot)):
+            out += swiglu(x, w.gate_proj, w.up_proj, w.down_proj) * weights[0, slot[expert]]
+        return out
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Several tokens: group the tokens by expert, compute each expert once, scatter back."""
+        out = torch.zeros_like(x)
+        wanted = torch.unique(ids).tolist()
+        for expert, w in self.provider.experts(self.layer, wanted):
+            token_idx, k_pos = torch.where(ids == expert)  # [n], [n]
+            y = swiglu(x[token_idx], w.gate_proj, w.up_proj, w.down_proj)  # [n, D]
+            out.index_add_(0, token_idx, y * weights[token_idx, k_pos, None])
+        return out

@@ -1,0 +1,155 @@
+"""The one generic MoE decoder for every supported family, and `load_decoder` from the store.
+
+Built on the meta device, then dense weights (canonical names, models/weights.py) are assigned onto
+the target device in the compute dtype: no second copy in RAM. Routed experts come only through an
+ExpertProvider. `forward(tokens [T], start_pos)` runs T new tokens at positions start_pos.., writes
+the preallocated KV cache and returns fp32 logits.
+
+Dimensions: T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moeinf.errors import ContextTooLong
+from moeinf.models.attention import GQAAttention, MLAAttention, causal_mask
+from moeinf.models.layers import MLP, RMSNorm
+from moeinf.models.moe import MoEBlock
+from moeinf.models.rope import RotaryTable
+from moeinf.models.spec import ModelSpec
+from moeinf.models.weights import dense_shapes
+from moeinf.runtime import kv_cache
+from moeinf.runtime.expert_provider import ExpertProvider
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, provider: ExpertProvider) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.attn = GQAAttention(spec, layer) if spec.attention.kind == "gqa" else MLAAttention(spec, layer)
+        self.is_moe = spec.is_moe_layer(layer)
+        if self.is_moe:
+            self.moe = MoEBlock(spec, layer, provider)
+        else:
+            self.mlp = MLP(spec.hidden_size, spec.dense_dim)
+
+    def forward(self, x, rotary, start_pos, cache, masks) -> torch.Tensor:
+        h = x + self.attn(self.input_norm(x), rotary, start_pos, cache, masks[self.attn.window])
+        ffn = self.moe if self.is_moe else self.mlp
+        return h + ffn(self.post_attn_norm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: ModelSpec, provider: ExpertProvider) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, provider) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.max_seq_len = 0
+
+    @classmethod
+    def build(
+        cls,
+        spec: ModelSpec,
+        dense: Mapping[str, torch.Tensor],
+        provider: ExpertProvider,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        max_seq_len: int,
+    ) -> Decoder:
+        """Decoder on `device` with `dense` (canonical name -> tensor, any device/dtype) assigned."""
+        if max_seq_len > spec.max_position_embeddings:
+            raise ContextTooLong(
+                f"a context of {max_seq_len} tokens exceeds the model's limit of "
+                f"{spec.max_position_embeddings}"
+            )
+        device = torch.device(device)
+        with torch.device("meta"):
+            decoder = cls(spec, provider)
+        expected = dense_shapes(spec)
+        missing, unexpected = sorted(set(expected) - set(dense)), sorted(set(dense) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"dense weights do not match the spec: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        state = {}
+        for name, tensor in dense.items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(
+                    f"dense tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
+                )
+            keep_fp32 = ".moe.router." in name and (
+                spec.routing.logits_fp32 or name.endswith("correction_bias")
+            )
+            state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        if spec.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        decoder.load_state_dict(state, strict=True, assign=True)
+        decoder.requires_grad_(False)
+        decoder.rotary = RotaryTable(spec.attention.rope, max_seq_len, device, dtype)
+        decoder.caches = kv_cache.allocate(spec, max_seq_len, device, dtype)
+        decoder.max_seq_len, decoder.device, decoder.dtype = max_seq_len, device, dtype
+        return decoder.eval()
+
+    def reset(self) -> None:
+        """Forget the session: positions restart at 0 (the cache is overwritten, not freed)."""
+        for cache in self.caches:
+            for tensor in vars(cache).values():
+                tensor.zero_()
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
+        """Logits fp32 [T, V] (or [1, V] with last_only) for `tokens [T]` at positions start_pos.."""
+        t = tokens.shape[0]
+        if start_pos < 0 or t < 1:
+            raise ValueError(f"bad forward call: {t} tokens at position {start_pos}")
+        if start_pos + t > self.max_seq_len:
+            raise ContextTooLong(
+                f"{start_pos + t} tokens exceed the context length of {self.max_seq_len} "
+                "this model was loaded with"
+            )
+        windows = {layer.attn.window for layer in self.layers}
+        masks = {w: causal_mask(start_pos, t, w, self.device) for w in windows}
+        x = self.embed_tokens(tokens.to(self.device))  # [T, D]
+        for layer, cache in zip(self.layers, self.caches, strict=True):
+            x = layer(x, self.rotary, start_pos, cache, masks)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()  # [T, V]
+
+
+class StoredModelLike(Protocol):
+    """What load_decoder needs of `moeinf.store.StoredModel`."""
+
+    @property
+    def dense_path(self) -> Path: ...
+
+    @property
+    def manifest(self): ...
+
+
+def load_decoder(
+    stored_model: StoredModelLike,
+    provider: ExpertProvider,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    max_seq_len: int,
+) -> Decoder:
+    """Decoder for a pulled model: dense.safetensors read tensor by tensor onto `device`."""
+    from safetensors import safe_open
+
+    spec: ModelSpec = stored_model.manifest.spec
+    with safe_open(str(stored_model.dense_path), framework="pt") as f:
+        dense = {name: f.get_tensor(name) for name in f.keys()}
+    return Decoder.build(spec, dense, provider, device=device, dtype=dtype, max_seq_len=max_seq_len)
