@@ -171,10 +171,12 @@ def parse_source(source: str) -> ModelRef:
 
 def resolve_name(ref: str) -> str:
     """The store name `ref` refers to: a store name itself, or the default name of a source."""
-    _check_text(ref, "model name")
+    _check_text(ref, "model name", spaces=True)
     if "/" in ref or ref.startswith(("~", ".")):
         try:
             return parse_source(ref).default_name
-        except UnknownAlias:
-            pass
+        except (InvalidModelName, UnknownAlias):
+            raise InvalidModelName(
+                f"invalid model name {ref!r}: not a store name, org/repo or existing folder"
+            ) from None
     return validate_name(ref.removesuffix(":latest"))
