@@ -104,9 +104,10 @@ def _duration(seconds: float) -> str:
 
 
 def format_stats(load_s: float, total_s: float, timings: Timings, cache: dict | None = None) -> str:
-    """ollama's `--verbose` block (plus the expert cache's hit rate when the provider keeps stats)."""
+    """ollama's `--verbose` block (plus the expert cache's hit rate when the provider keeps stats).
+    `total_s` is the generation's wall time; the total shown includes the load, as ollama's does."""
     rows = [
-        ("total duration", _duration(total_s)),
+        ("total duration", _duration(load_s + total_s)),
         ("load duration", _duration(load_s)),
         ("prompt eval count", f"{timings.prompt_evaluated} token(s)"),
         ("prompt eval duration", _duration(timings.prompt_s)),
@@ -129,5 +130,5 @@ def format_stats(load_s: float, total_s: float, timings: Timings, cache: dict | 
 
 
 def stats_dict(load_s: float, total_s: float, timings: Timings, cache: dict | None = None) -> dict:
-    """The `stats` object of `--format json`."""
-    return {"load_s": load_s, "total_s": total_s, **timings.to_dict(), "cache": cache or {}}
+    """The `stats` object of `--format json` (`total_s` includes the load)."""
+    return {"load_s": load_s, "total_s": load_s + total_s, **timings.to_dict(), "cache": cache or {}}

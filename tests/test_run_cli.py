@@ -1,0 +1,83 @@
+"""`moeinf run` against transformers beyond the six base families: odd shapes, chat-template prompts,
+seeded sampling, stop strings, and errors (helpers shared with test_run_e2e.py)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from moeinf.cli.main import app
+from tests.fixtures.checkpoints import build_checkpoint
+from tests.test_run_e2e import PROMPT, N, hf_greedy, hf_pair, run_json
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("qwen2_moe", {"norm_topk_prob": True, "num_experts_per_tok": 3, "num_experts": 7}),
+        ("mixtral", {"num_experts_per_tok": 1, "num_local_experts": 5}),
+    ],
+)
+def test_odd_shapes_through_the_cli(family, overrides, tmp_path):
+    ckpt = build_checkpoint(family, tmp_path / f"{family}-odd", seed=3, **overrides)
+    out = run_json(str(ckpt), PROMPT, "--raw", "--ignore-eos", "--max-tokens", str(N))
+    model, tokenizer = hf_pair(ckpt)
+    assert out["token_ids"] == hf_greedy(model, tokenizer(PROMPT)["input_ids"], N)
+
+
+def test_chat_template_prompt_equals_transformers(checkpoint):
+    ckpt = checkpoint("qwen3_moe")
+    out = run_json(
+        str(ckpt), "Hi there, expert", "--ignore-eos", "--max-tokens", "8", "--system", "Be brief."
+    )
+    model, tokenizer = hf_pair(ckpt)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, expert"}]
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    assert out["prompt_token_ids"] == prompt_ids
+    assert out["token_ids"] == hf_greedy(model, prompt_ids, 8)
+
+
+def test_seeded_sampling_is_reproducible_through_the_cli(checkpoint):
+    ckpt = str(checkpoint("olmoe"))
+    args = (
+        ckpt,
+        PROMPT,
+        "--raw",
+        "--ignore-eos",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "100",
+    )
+    first = run_json(*args, "--seed", "11")
+    again = run_json(*args, "--seed", "11")
+    other = run_json(*args, "--seed", "12")
+    assert first["token_ids"] == again["token_ids"] and first["text"] == again["text"]
+    assert other["token_ids"] != first["token_ids"]
+
+
+def test_stop_string_and_eos_through_the_cli(checkpoint):
+    ckpt = str(checkpoint("mixtral"))
+    full = run_json(ckpt, PROMPT, "--raw", "--ignore-eos", "--max-tokens", str(N))
+    text = full["text"]
+    stop = next(
+        text[i : i + 2]
+        for i in range(3, len(text) - 2)
+        if text[i : i + 2].strip() and "\ufffd" not in text[i : i + 2]
+    )
+    cut = run_json(ckpt, PROMPT, "--raw", "--ignore-eos", "--max-tokens", str(N), "--stop", stop)
+    assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.index(stop)]
+    assert cut["token_ids"] == full["token_ids"][: len(cut["token_ids"])]
+
+
+def test_unknown_model_is_a_one_line_error():
+    result = CliRunner().invoke(app, ["run", "no-such-model", "hi"])
+    assert result.exit_code != 0
+    assert result.stderr.startswith("Error: ") and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["run", "x", "hi", "--format", "yaml"])
+    assert result.exit_code == 2 and "--format" in result.stderr
