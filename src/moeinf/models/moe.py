@@ -10,6 +10,8 @@ Dimensions: T tokens, D hidden, E experts, K top-k.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,9 @@ from moeinf.models.layers import MLP, swiglu
 from moeinf.models.routing import route
 from moeinf.models.spec import ModelSpec
 from moeinf.runtime.expert_provider import ExpertProvider
+
+if TYPE_CHECKING:
+    from moeinf.runtime.routing_hooks import RoutingHook
 
 
 class Router(nn.Module):
@@ -29,7 +34,7 @@ class Router(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int, provider: ExpertProvider) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, provider: ExpertProvider, moe_index: int) -> None:
         super().__init__()
         self.router = Router(spec)
         if spec.num_shared_experts:
@@ -39,7 +44,9 @@ class MoEBlock(nn.Module):
         self.layer, self.top_k, self.routing = layer, spec.top_k, spec.routing
         self.has_shared, self.has_shared_gate = spec.num_shared_experts > 0, spec.shared_expert_gate
         self.provider = provider
-        self.last_ids: torch.Tensor | None = None  # [T, K] ids of the latest call, for tracing
+        self.moe_index = moe_index  # position among the MoE layers (routing hooks count these)
+        self.hook: RoutingHook | None = None  # sees, and may replace, the router's choices
+        self.last_ids: torch.Tensor | None = None  # [T, K] ids of the latest call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
@@ -58,6 +65,8 @@ class MoEBlock(nn.Module):
             correction_bias=self.router.e_score_correction_bias if r.correction_bias else None,
             routed_scaling_factor=r.routed_scaling_factor,
         )  # [T, K] x2
+        if self.hook is not None:
+            weights, ids = self.hook.on_route(self.moe_index, weights, ids)
         self.last_ids = ids
         weights = weights.to(x.dtype)
         out = self._experts(x, weights, ids) if x.shape[0] > 1 else self._experts_one(x, weights, ids)

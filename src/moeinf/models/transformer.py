@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from moeinf.models.weights import dense_shapes
 from moeinf.runtime import kv_cache
 from moeinf.runtime.expert_provider import ExpertProvider
 
+if TYPE_CHECKING:
+    from moeinf.runtime.routing_hooks import RoutingHook
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, provider: ExpertProvider) -> None:
@@ -36,7 +39,7 @@ class DecoderLayer(nn.Module):
         self.attn = GQAAttention(spec, layer) if spec.attention.kind == "gqa" else MLAAttention(spec, layer)
         self.is_moe = spec.is_moe_layer(layer)
         if self.is_moe:
-            self.moe = MoEBlock(spec, layer, provider)
+            self.moe = MoEBlock(spec, layer, provider, spec.moe_layers.index(layer))
         else:
             self.mlp = MLP(spec.hidden_size, spec.dense_dim)
 
@@ -100,6 +103,12 @@ class Decoder(nn.Module):
         decoder.caches = kv_cache.allocate(spec, max_seq_len, device, dtype)
         decoder.max_seq_len, decoder.device, decoder.dtype = max_seq_len, device, dtype
         return decoder.eval()
+
+    def set_routing_hook(self, hook: RoutingHook | None) -> None:
+        """Route every MoE layer's choices through `hook.on_route` (runtime/routing_hooks.py); None: off."""
+        for layer in self.layers:
+            if layer.is_moe:
+                layer.moe.hook = hook
 
     def reset(self) -> None:
         """Forget the session: positions restart at 0 (the cache is overwritten, not freed)."""
