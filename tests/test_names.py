@@ -22,9 +22,17 @@ def test_catalog_has_required_aliases():
     ]
     for alias in required:
         entry = entries[alias]
-        assert "/" in entry.repo and entry.revision
+        assert entry.repo is not None and "/" in entry.repo and entry.revision
         assert entry.family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
     assert entries["mixtral"].repo == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+
+
+def test_packaged_alias_is_a_local_folder():
+    import moeinf.demo
+
+    ref = parse_source("demo")
+    assert (ref.kind, ref.alias, ref.default_name) == ("local", "demo", "demo")
+    assert ref.path == moeinf.demo.checkpoint_dir()
 
 
 def test_alias_parses_to_hub_ref_with_alias_name():

@@ -27,11 +27,14 @@ _REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 
 @dataclass(frozen=True)
 class CatalogEntry:
+    """An alias: a hub repo at a revision, or (`package`) a checkpoint shipped inside a Python package."""
+
     alias: str
-    repo: str
+    repo: str | None
     revision: str
     family: str
     description: str = ""
+    package: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,11 @@ def catalog() -> dict[str, CatalogEntry]:
     for alias, fields in data["aliases"].items():
         entries[str(alias)] = CatalogEntry(
             alias=str(alias),
-            repo=fields["repo"],
+            repo=fields.get("repo"),
             revision=str(fields.get("revision", "main")),
             family=fields["family"],
             description=fields.get("description", ""),
+            package=fields.get("package"),
         )
     return entries
 
@@ -152,6 +156,9 @@ def parse_source(source: str) -> ModelRef:
     entries = catalog()
     if source.lower() in entries or source.lower().removesuffix(":latest") in entries:
         entry = entries.get(source.lower()) or entries[source.lower().removesuffix(":latest")]
+        if entry.package is not None:
+            folder = Path(str(resources.files(entry.package)))
+            return ModelRef(kind="local", path=folder, alias=entry.alias)
         return ModelRef(kind="hub", repo=entry.repo, revision=entry.revision, alias=entry.alias)
     if "/" in source:
         if Path(source).is_dir() and (Path(source) / "config.json").is_file():
