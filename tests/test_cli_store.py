@@ -154,3 +154,18 @@ def test_cli_paths_do_not_import_torch(args):
         [sys.executable, "-c", check, *args], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_rich_progress_shows_one_bar_per_file(capsys):
+    from moeinf.cli.ui import PullDisplay
+    from moeinf.pull import PullEvent
+
+    with PullDisplay(rich_output=True) as display:
+        display(PullEvent("status", "resolving test/x@main"))
+        for done in (0, 50_000, 100_000):
+            display(PullEvent("file", file="model.safetensors", phase="download", done=done, total=100_000))
+        display(PullEvent("file", file="model.safetensors", phase="reshard", done=100_000, total=100_000))
+    err = capsys.readouterr().err
+    assert "resolving test/x@main" in err
+    assert err.count("pulling model.safetensors") == 1 and err.count("resharding model.safetensors") == 1
+    assert "100.0/100.0 kB" in err
