@@ -58,3 +58,12 @@ def test_lock_excludes_a_second_holder(model):
             store.remove("q2")
     store.remove("q2")
     assert not model.path.exists() and store.list() == []
+
+
+def test_pull_replaces_a_model_of_another_format_version(model, checkpoint):
+    text = (model.path / "manifest.yaml").read_text()
+    (model.path / "manifest.yaml").write_text(text.replace("format_version: 1", "format_version: 99"))
+    events = []
+    again = pull(str(checkpoint("qwen2_moe")), name="q2", progress=events.append)
+    assert any("replacing" in e.message for e in events)
+    assert again.verify() == [] and Store().open("q2").manifest.format_version == 1

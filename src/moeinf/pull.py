@@ -11,6 +11,7 @@ Progress goes to a callback as PullEvents; nothing here prints.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import shutil
 from collections.abc import Callable
@@ -20,7 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moeinf import hub
-from moeinf.errors import InvalidCheckpoint, InvalidModelName, ModelExists
+from moeinf.errors import (
+    CorruptModel,
+    DiskFull,
+    InvalidCheckpoint,
+    InvalidModelName,
+    ModelExists,
+    UnsupportedStoreVersion,
+)
 from moeinf.manifest import FileEntry, Manifest, Source, save, sha256_file
 from moeinf.names import ModelRef, parse_source, validate_name
 from moeinf.store import Store, StoredModel
@@ -87,16 +95,27 @@ def pull(
     target = normalise_dtype(dtype)
     with store.lock(name, on_wait=lambda: emit(PullEvent("status", f"waiting for another pull of {name}"))):
         if store.exists(name):
-            model = store.open(name)
-            if not _same_source(model.manifest.source, ref):
-                raise ModelExists(
-                    f"a model named {name!r} from {model.manifest.source.describe()} exists: "
-                    "`moeinf rm` it or pull with --name"
-                )
-            emit(PullEvent("status", f"{name} is already pulled ({model.path}): nothing to do"))
-            return model
+            try:
+                model = store.open(name)
+            except (UnsupportedStoreVersion, CorruptModel) as exc:  # rebuilt below, replaced on publish
+                emit(PullEvent("status", f"replacing the stored {name}: {exc}"))
+            else:
+                if not _same_source(model.manifest.source, ref):
+                    raise ModelExists(
+                        f"a model named {name!r} from {model.manifest.source.describe()} exists: "
+                        "`moeinf rm` it or pull with --name"
+                    )
+                emit(PullEvent("status", f"{name} is already pulled ({model.path}): nothing to do"))
+                return model
         job = _Job(ref, name, store, emit, target)
-        model = job.run_local() if ref.kind == "local" else job.run_hub()
+        try:
+            model = job.run_local() if ref.kind == "local" else job.run_hub()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(
+                    f"disk full while pulling {name}: free space, then pull again to resume"
+                ) from exc
+            raise
     emit(PullEvent("done", f"pulled {name} into {model.path}"))
     return model
 

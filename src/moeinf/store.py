@@ -205,8 +205,14 @@ class Store:
         target = self.model_dir(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         _fsync_dir(build)
-        os.rename(build, target)  # atomic on one filesystem; fails if target exists
+        old = None
+        if target.exists():  # an unreadable older copy the caller chose to replace
+            old = self.home / "partial" / f".old-{name}-{os.getpid()}"
+            os.rename(target, old)
+        os.rename(build, target)  # atomic on one filesystem
         _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old)
         return self.open(name)
 
     def remove(self, name: str) -> None:
