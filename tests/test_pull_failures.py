@@ -18,6 +18,7 @@ from moeinf.errors import (
     IncompleteModel,
     ModelExists,
     NetworkError,
+    QuantizedCheckpoint,
     RepoNotFound,
     RevisionNotFound,
     UnsafeCheckpoint,
@@ -92,6 +93,17 @@ def test_unknown_architecture_is_refused_before_weights_download(custom_repo, hu
         pull(repo)
     assert "llama" in str(err.value)
     assert any(p.endswith("/config.json") for _, p, _ in hub.requests)
+    assert _weight_requests(hub) == []
+
+
+def test_quantized_checkpoint_is_refused_before_weights_download(custom_repo, hub, checkpoint):
+    config = json.loads((checkpoint("olmoe") / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    repo = custom_repo(
+        "test/fp8", {"config.json": json.dumps(config).encode(), "model.safetensors": "model.safetensors"}
+    )
+    with pytest.raises(QuantizedCheckpoint, match="fp8"):
+        pull(repo)
     assert _weight_requests(hub) == []
 
 

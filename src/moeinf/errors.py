@@ -159,3 +159,7 @@ class InvalidTrace(MoeinfError):
     """A routing trace file (.npz) that is missing fields or has inconsistent shapes or values."""
 
     exit_code = 2
+
+
+class QuantizedCheckpoint(UnsupportedArchitecture):
+    """A checkpoint with a quantization_config (FP8, GPTQ, AWQ, ...): moeinf reads bf16/fp16/fp32 weights."""

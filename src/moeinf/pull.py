@@ -27,6 +27,7 @@ from moeinf.errors import (
     InvalidCheckpoint,
     InvalidModelName,
     ModelExists,
+    QuantizedCheckpoint,
     UnsupportedStoreVersion,
 )
 from moeinf.manifest import FileEntry, Manifest, Source, save, sha256_file
@@ -219,12 +220,20 @@ class _Job:
 
     @staticmethod
     def _read_config(path: Path) -> dict:
+        """config.json, refusing quantized checkpoints before any weight is fetched."""
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise InvalidCheckpoint(f"unreadable config.json: {exc}") from exc
         if not isinstance(config, dict):
             raise InvalidCheckpoint("config.json is not a JSON object")
+        quant = config.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+            raise QuantizedCheckpoint(
+                f"the checkpoint is quantized ({method}); moeinf needs bf16/fp16/fp32 safetensors weights "
+                "(look for a bf16 version of the model)"
+            )
         return config
 
     def _check_disk(self, input_sizes: list[int], source_dtype: str, *, largest_input: bool) -> None:
