@@ -86,8 +86,9 @@ def test_garbage_shard_is_invalid_checkpoint(olmoe_copy, tmp_path):
         _reshard(olmoe_copy, tmp_path / "out")
 
 
-def test_resharder_resumes_after_a_finished_shard(checkpoint, tmp_path):
-    """A new Resharder on the same folder skips shards the saved state lists (resume after a kill)."""
+def test_resharder_resumes_after_a_kill(checkpoint, tmp_path):
+    """A new Resharder on the same folder skips the shards its saved state lists and drops bytes
+    written after that point, ending byte-identical to an uninterrupted reshard."""
     folder = checkpoint("mixtral_sharded")
     config = json.loads((folder / "config.json").read_text())
     adapter = adapter_for(config)
@@ -96,6 +97,8 @@ def test_resharder_resumes_after_a_finished_shard(checkpoint, tmp_path):
     first = Resharder(adapter, spec, tmp_path / "out")
     for name in shards[:5]:
         first.add_shard(folder / name)
+    with open(tmp_path / "out" / "dense.safetensors", "ab") as f:  # a kill in the middle of shard 6
+        f.write(b"half-written tensor")
     second = Resharder(adapter, spec, tmp_path / "out")
     assert second.done_shards == set(shards[:5])
     for name in shards:
@@ -103,6 +106,11 @@ def test_resharder_resumes_after_a_finished_shard(checkpoint, tmp_path):
     result = second.finish()
     assert result.expert_files == len(spec.moe_layers) * spec.num_experts
     assert not (tmp_path / "out" / ".reshard").exists()
+
+    clean = reshard(folder, tmp_path / "clean", adapter, spec)
+    for rel, written in clean.files.items():  # byte-identical to an uninterrupted reshard
+        assert result.files[rel] == written, rel
+        assert (tmp_path / "out" / rel).read_bytes() == (tmp_path / "clean" / rel).read_bytes()
 
 
 @pytest.mark.parametrize("names", [["a"], ["a" * 3000, "b"], [f"t{i}" for i in range(60)]])

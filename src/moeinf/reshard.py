@@ -5,8 +5,10 @@ reshard it and delete it before fetching the next: peak extra disk is one shard,
 copy buffer (or one tensor when `dtype` converts). Every input tensor is accounted for: the adapter
 maps it to a dense name, a routed-expert projection, or an explicit ignore; `finish` proves the
 result complete (every dense name the spec implies, every expert of every MoE layer, every tensor
-the index lists) or fails naming the tensor. Progress is saved after each shard in `.reshard/`, so
-a killed pull resumes at the next shard. Expert projections split across shards wait in `.reshard/`.
+the index lists) or fails naming the tensor. dense.safetensors grows in place (its header room is
+reserved up front and filled last), so no dense copy is ever merged. Progress is saved after each
+shard in `.reshard/`, so a killed pull resumes at the next shard; expert projections split across
+shards wait there too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from moeinf.models.weights import EXPERT_PROJS, dense_shapes, expert_shapes
 from moeinf.store import DENSE_FILE, expert_file
 from moeinf.tensorfile import (
     DTYPE_CODES,
+    AppendableTensorFile,
     HeaderError,
     OutTensor,
     TensorInfo,
@@ -33,6 +36,7 @@ from moeinf.tensorfile import (
     WrittenFile,
     copy_range,
     read_header,
+    reserve_data_start,
     write_tensor_file,
 )
 
@@ -93,13 +97,22 @@ class Resharder:
                 "target": self.target,
                 "shards": {},  # shard name -> hub keys it held
                 "dense": {},  # canonical name -> hub key
-                "dense_parts": [],
+                "dense_entries": [],  # dense.safetensors so far: [name, dtype, shape, begin, end]
+                "dense_length": 0,
                 "experts": {},  # expert file -> [size, sha256]
                 "pending": {},  # expert file -> proj -> {key, dtype, shape, file}
                 "ignored": {},
                 "expert_dtype": None,
             }
         self._seen = {key for keys in self.state["shards"].values() for key in keys}
+        # dense.safetensors grows in place, shard by shard (no per-shard parts to merge later)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._dense = AppendableTensorFile(
+            self.out / DENSE_FILE,
+            reserve_data_start(self._dense_shapes),
+            self.state["dense_entries"],
+            self.state["dense_length"],
+        )
 
     @property
     def done_shards(self) -> set[str]:
@@ -140,10 +153,8 @@ class Resharder:
         total = sum(t.nbytes for t in tensors.values())
         done = 0
         if dense:
-            part = f"dense-{Path(name).stem}.safetensors"
-            write_tensor_file(self.work / part, [self._out(cname, info) for cname, info in dense])
-            if part not in self.state["dense_parts"]:
-                self.state["dense_parts"].append(part)
+            self._dense.append(self._out(cname, info) for cname, info in dense)
+            self.state["dense_entries"], self.state["dense_length"] = self._dense.entries, self._dense.length
             done += sum(info.nbytes for _, info in dense)
             if progress:
                 progress(done, total)
@@ -258,8 +269,8 @@ class Resharder:
             raise ReshardError(f"checkpoint lacks tensor {missing_dense[0]}")
 
         files = {rel: WrittenFile(size, sha) for rel, (size, sha) in self.state["experts"].items()}
-        files[DENSE_FILE] = self._merge_dense()
-        shutil.rmtree(self.work)
+        files[DENSE_FILE] = self._dense.finish()
+        shutil.rmtree(self.work, ignore_errors=True)
         return ReshardResult(
             files=dict(sorted(files.items())),
             source_tensors=len(self._seen),
@@ -268,29 +279,6 @@ class Resharder:
             ignored=dict(self.state["ignored"]),
             expert_dtype=self.state["expert_dtype"],
         )
-
-    def _merge_dense(self) -> WrittenFile:
-        """Concatenate the per-shard dense parts into one file, deleting each part once copied."""
-        order = {name: i for i, name in enumerate(self._dense_shapes)}
-        out: list[OutTensor] = []
-        for part in self.state["dense_parts"]:
-            path = self.work / part
-            tensors, _ = read_header(path)
-            ordered = sorted(tensors.values(), key=lambda t: order[t.name])
-            for i, info in enumerate(ordered):
-                write = copy_range(info)
-                if i == len(ordered) - 1:
-                    write = _then_delete(write, path)
-                out.append(OutTensor(info.name, info.dtype, info.shape, info.nbytes, write))
-        return write_tensor_file(self.out / DENSE_FILE, out)
-
-
-def _then_delete(write: Writer, path: Path) -> Writer:
-    def run(out: Any) -> None:
-        write(out)
-        path.unlink()  # keeps peak extra disk at one part while dense.safetensors grows
-
-    return run
 
 
 def shard_files(checkpoint: Path) -> tuple[list[str], set[str] | None]:

@@ -180,6 +180,73 @@ def write_tensor_file(
     return WrittenFile(out.size, out.sha256.hexdigest())
 
 
+class AppendableTensorFile:
+    """A safetensors file written tensor by tensor across sessions, its header written last.
+
+    The data region starts at `reserve_data_start(names_shapes)`: room for the largest header those
+    tensors can need (any dtype code, 15-digit offsets), so tensors can be appended as they arrive
+    and the exact header, space-padded, fills the reserved room at the end. `entries` and `length`
+    are the caller's to persist; reopening with them truncates anything written after that point.
+    """
+
+    def __init__(self, path: Path, data_start: int, entries: list | None = None, length: int = 0) -> None:
+        self.path, self.data_start = path, data_start
+        self.entries: list[list] = [list(e) for e in entries or []]  # [name, dtype, shape, begin, end]
+        self.length = length
+        mode = "r+b" if path.exists() else "w+b"
+        with open(path, mode) as f:
+            f.truncate(data_start + length)  # drop bytes written after the last saved point
+
+    def append(self, tensors: Iterable[OutTensor]) -> None:
+        """Write tensors after the current end and fsync; the entries/length advance only on success."""
+        entries, length = [], self.length
+        with open(self.path, "r+b") as f:
+            f.seek(self.data_start + length)
+            for t in tensors:
+                before = f.tell()
+                t.write(f)
+                if f.tell() - before != t.nbytes:
+                    raise HeaderError(f"{self.path.name}: wrote {f.tell() - before} bytes for {t.name!r}")
+                entries.append([t.name, t.dtype, list(t.shape), length, length + t.nbytes])
+                length += t.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries += entries
+        self.length = length
+
+    def finish(self) -> WrittenFile:
+        """Write the header into the reserved room; return the file's size and sha256."""
+        header = {
+            name: {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+            for name, dtype, shape, begin, end in self.entries
+        }
+        text = json.dumps(header, separators=(",", ":")).encode()
+        room = self.data_start - 8
+        if len(text) > room:
+            raise HeaderError(f"{self.path.name}: header of {len(text)} bytes exceeds the reserved {room}")
+        digest = hashlib.sha256()
+        with open(self.path, "r+b") as f:
+            f.write(struct.pack("<Q", room) + text + b" " * (room - len(text)))
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        return WrittenFile(self.data_start + self.length, digest.hexdigest())
+
+
+def reserve_data_start(names_shapes: dict[str, tuple[int, ...]], align: int = ALIGN) -> int:
+    """Data start (a multiple of `align`) leaving room for any header of these tensors."""
+    widest = max(len(code) for code in ITEMSIZE)
+    big = 10**15 - 1
+    header = {
+        name: {"dtype": "X" * widest, "shape": list(shape), "data_offsets": [big, big]}
+        for name, shape in names_shapes.items()
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return -(-(8 + len(text)) // align) * align
+
+
 def data_start(path: Path) -> int:
     """Byte offset where a safetensors file's tensor data begins."""
     with open(path, "rb") as f:
