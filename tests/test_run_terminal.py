@@ -145,3 +145,18 @@ def test_piped_stdin_goes_before_the_prompt_and_output_is_plain(model, isolated_
     missing = _run("no-such-model", "hi")
     assert missing.returncode != 0 and missing.stdout == ""
     assert missing.stderr.startswith("Error: ") and "Traceback" not in missing.stderr
+
+
+def test_reader_closing_the_pipe_early_is_not_an_error(model):
+    # `moeinf run m "..." | head -c 3`: the reader goes away mid-answer.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, "run", model, "Hello", "--raw", "--ignore-eos", "--max-tokens", "200"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(3)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err

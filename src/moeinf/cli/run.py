@@ -9,9 +9,13 @@ command runs (through the engine), so `moeinf --help` stays instant.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -57,7 +61,7 @@ def run(
     ] = None,
 ) -> None:
     """Run a model: chat in a terminal, or answer PROMPT (with piped stdin before it) and exit."""
-    with ui.errors():
+    with ui.errors(), _quiet_broken_pipe():
         if format not in (None, "json"):
             raise BadOption(f"unknown --format {format!r} (only json)")
         stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
@@ -89,6 +93,18 @@ def run(
             _answer_json(session, text, verbose=verbose)
         else:
             _answer_text(session, text, verbose=verbose)
+
+
+@contextlib.contextmanager
+def _quiet_broken_pipe() -> Iterator[None]:
+    """`moeinf run ... | head`: the reader went away; stop quietly instead of a traceback."""
+    try:
+        yield
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            # Python flushes stdout again at exit: point it at /dev/null so that flush succeeds.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
 
 
 def _load(model: str, *, device: str, threads: int | None, num_ctx: int | None):

@@ -154,8 +154,10 @@ def generate(
         )
 
     sampler = Sampler(params.sampling, target.device)
-    history = torch.empty(limit, dtype=torch.long, device=target.device)  # [limit] prompt + generated
-    history[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+    history = None  # [limit] prompt + generated ids, kept only for the repetition penalty
+    if sampler.needs_context:
+        history = torch.empty(limit, dtype=torch.long, device=target.device)
+        history[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     detok = StreamDecoder(target.tokenizer, context=prompt_ids)
     stops = StopMatcher(params.stop)
     eos = frozenset() if params.ignore_eos else target.eos_token_ids
@@ -167,8 +169,9 @@ def generate(
     prompt_s = decode_s = 0.0
     index = 0
     while True:
-        token = sampler(logits, history[:length])
-        history[length] = token
+        token = sampler(logits, None if history is None else history[:length])
+        if history is not None:
+            history[length] = token
         length += 1
         now = time.perf_counter()
         step_s = now - start
