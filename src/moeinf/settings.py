@@ -17,6 +17,9 @@ ENVIRONMENT: dict[str, str] = {
     "HF_HOME": "huggingface_hub's home (token file, cache); honoured as huggingface_hub does",
     "HF_TOKEN": "access token for gated or private repos",
     "HF_HUB_OFFLINE": "set to 1 to forbid network access in huggingface_hub",
+    "MOEINF_NATIVE": "set to 0 to turn the native CPU kernels off (use torch for every product)",
+    "MOEINF_NATIVE_DIR": "build cache of the native kernel library (default $XDG_CACHE_HOME/moeinf/native)",
+    "CC": "C compiler for the native kernels (default: cc, then gcc, then clang on PATH)",
 }
 
 
@@ -33,3 +36,22 @@ def hf_token() -> str | None:
 
 def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def native_enabled() -> bool:
+    """False when $MOEINF_NATIVE is 0/false/off/no: the native kernels are not even built."""
+    return os.environ.get("MOEINF_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def native_dir() -> Path:
+    """Build cache of the native kernel library: $MOEINF_NATIVE_DIR, else $XDG_CACHE_HOME/moeinf/native."""
+    value = os.environ.get("MOEINF_NATIVE_DIR", "").strip()
+    if value:
+        return Path(value).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(cache).expanduser() if cache else Path.home() / ".cache") / "moeinf" / "native"
+
+
+def c_compiler() -> str | None:
+    """$CC if set (a program name or path), else None: the build picks cc, gcc or clang from PATH."""
+    return os.environ.get("CC", "").strip() or None

@@ -1,0 +1,9 @@
+"""Native CPU kernels for decode (native/moeinf_kernels.c): fused SwiGLU experts and matrix-vector
+products with fp32 / bf16 / f16 weights, fp32 accumulation. build.py compiles and loads the
+library; ops.py is the torch-facing API. When the library is unavailable, `available()` is False
+and callers use torch.
+"""
+
+from moeinf.kernels.ops import MAX_TOKENS, accepts, available, describe, expert_forward, linear, set_simd
+
+__all__ = ["MAX_TOKENS", "accepts", "available", "describe", "expert_forward", "linear", "set_simd"]

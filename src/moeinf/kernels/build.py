@@ -1,0 +1,163 @@
+"""Building and loading the native kernel library (native/moeinf_kernels.c) with ctypes.
+
+The library is compiled on first use with the system C compiler into a cache directory keyed by a
+hash of the source, the flags and the compiler, so an editable install, a fresh CI venv and a
+changed source all rebuild exactly once (concurrent processes race harmlessly: write, then rename).
+Without a compiler, without the source, or with MOEINF_NATIVE=0, `load()` returns None and says why;
+callers then use torch. No torch here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeinf import settings
+
+SOURCE_NAME = "moeinf_kernels.c"
+LIBRARY_NAME = "libmoeinf_kernels.so"
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-pthread")
+LIBS = ("-lm",)
+VERSION = 1  # must equal MK_VERSION in the C source
+
+
+@dataclass(frozen=True)
+class Native:
+    """The loaded library and where it came from."""
+
+    lib: ctypes.CDLL
+    path: Path
+
+
+@dataclass(frozen=True)
+class _State:
+    native: Native | None
+    reason: str  # why it is off, or how it was found
+
+
+_lock = threading.Lock()
+_state: _State | None = None
+
+
+def source_path() -> Path | None:
+    """native/moeinf_kernels.c of the source tree this package runs from (editable installs, checkouts)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parent / SOURCE_NAME, here.parents[3] / "native" / SOURCE_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_compiler() -> str | None:
+    chosen = settings.c_compiler()
+    if chosen:
+        return shutil.which(chosen)
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _compiler_id(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out.splitlines()[0] if out else cc
+
+
+def build(source: Path, cc: str, out_dir: Path) -> Path:
+    """Compile `source` into out_dir/<hash>/libmoeinf_kernels.so unless it is there; return its path.
+
+    Raises OSError / subprocess.CalledProcessError on failure (the compiler's stderr in the message).
+    """
+    code = source.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [code, " ".join(FLAGS + LIBS).encode(), _compiler_id(cc).encode(), platform.machine().encode()]
+        )
+    ).hexdigest()[:16]
+    target = out_dir / key / LIBRARY_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *FLAGS, "-o", tmp, str(source), *LIBS], capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mk_version.restype = i32
+    lib.mk_simd.restype = i32
+    lib.mk_set_simd.argtypes = [i32]
+    lib.mk_set_simd.restype = i32
+    lib.mk_linear.argtypes = [p, i64, i64, p, i32, i64, p, p, i32]
+    lib.mk_linear.restype = i32
+    lib.mk_expert_forward.argtypes = [p, i64, i64, i64, p, p, p, i32, p, i32, p, i32]
+    lib.mk_expert_forward.restype = i32
+
+
+def _load() -> _State:
+    if not settings.native_enabled():
+        return _State(None, "turned off by MOEINF_NATIVE=0")
+    source = source_path()
+    if source is None:
+        return _State(None, f"source {SOURCE_NAME} not found next to the package")
+    cc = find_compiler()
+    if cc is None:
+        return _State(None, "no C compiler (cc, gcc, clang or $CC) on PATH")
+    try:
+        path = build(source, cc, settings.native_dir())
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except subprocess.CalledProcessError as e:
+        first = (e.stderr or "").strip().splitlines()[:1]
+        return _State(None, f"compiling with {cc} failed: {first[0] if first else e.returncode}")
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        return _State(None, f"could not build or load the library: {e}")
+    if lib.mk_version() != VERSION:
+        return _State(None, f"library version {lib.mk_version()} != {VERSION}")
+    return _State(Native(lib, path), f"built with {cc}")
+
+
+def load() -> Native | None:
+    """The library, building it on the first call; None when unavailable (see `reason()`)."""
+    global _state
+    with _lock:
+        if _state is None:
+            _state = _load()
+        return _state.native
+
+
+def reason() -> str:
+    """Why the library is unavailable, or how it was obtained."""
+    load()
+    assert _state is not None
+    return _state.reason
+
+
+def reset() -> None:
+    """Forget the load decision (tests; after changing MOEINF_NATIVE)."""
+    global _state
+    with _lock:
+        _state = None

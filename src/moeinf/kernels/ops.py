@@ -1,0 +1,174 @@
+"""Torch-facing API of the native kernels: checks, dtype dispatch, output allocation, thread count.
+
+`linear` and `expert_forward` take fp32 activations and fp32 / bf16 / f16 weights on the CPU and
+accumulate in fp32. `accepts(...)` is the dispatch predicate callers use to choose between these and
+torch: small token counts only (decode; prefill and large batches are compute bound and BLAS wins).
+The kernels use torch.get_num_threads() threads unless told otherwise and run while torch's own pool
+is idle (a call returns only when its threads are done), so the two pools never run at once.
+
+Dimensions: T tokens, K input features, N output features, D hidden, I expert hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeinf.kernels.build import Native, load, reason
+
+MAX_TOKENS = 8  # above this, torch (BLAS) is the faster path
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ERRORS = {1: "unsupported weight dtype", 2: "bad shape", 3: "out of memory"}
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def describe() -> str:
+    """One line for --verbose: which path computes the products, and why."""
+    native = load()
+    if native is None:
+        return f"CPU kernels: torch (native kernels unavailable: {reason()})"
+    isa = "AVX2+FMA+F16C" if native.lib.mk_simd() else "portable scalar"
+    return f"CPU kernels: native {isa}, {reason()} ({native.path})"
+
+
+def set_simd(enabled: bool) -> bool:
+    """Force the scalar path (False) or the best one the CPU has (True); returns whether SIMD is on."""
+    return bool(_lib().lib.mk_set_simd(int(enabled)))
+
+
+def accepts(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """True when the native kernels can compute with these tensors and should (small T on CPU)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 1:
+        return False
+    if x.numel() > MAX_TOKENS * x.shape[-1] or not available():
+        return False
+    dtype = weights[0].dtype
+    return all(w.device.type == "cpu" and w.dtype == dtype and w.is_contiguous() for w in weights) and (
+        dtype in _DTYPES
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """x [..., K] fp32 @ weight [N, K]^T + bias [N] -> [..., N] fp32 (like F.linear)."""
+    native = _lib()
+    n, k = weight.shape
+    _check_weight(weight, "weight")
+    x2 = _activations(x, k)  # [T, K]
+    t = x2.shape[0]
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+        if bias.shape != (n,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} != ({n},)")
+    y = _output(out, (*x.shape[:-1], n))
+    rc = native.lib.mk_linear(
+        x2.data_ptr(),
+        t,
+        k,
+        weight.data_ptr(),
+        _DTYPES[weight.dtype],
+        n,
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        _threads(threads),
+    )
+    _raise_for(rc)
+    return y
+
+
+def expert_forward(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """One SwiGLU expert: down(silu(x gate^T) * (x up^T)), x [T, D], gate/up [I, D], down [D, I].
+
+    With `scale` [T] each token's result is multiplied by it (the routing weight); with
+    `accumulate` it is added to `out` (which must then be given) instead of overwriting it.
+    """
+    native = _lib()
+    i, d = gate.shape
+    if up.shape != (i, d) or down.shape != (d, i):
+        shapes = f"gate {tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}"
+        raise ValueError(f"expert shapes do not fit: {shapes}")
+    if not gate.dtype == up.dtype == down.dtype:
+        raise ValueError("gate, up and down must share one dtype")
+    for name, w in (("gate", gate), ("up", up), ("down", down)):
+        _check_weight(w, name)
+    x2 = _activations(x, d)  # [T, D]
+    t = x2.shape[0]
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs out=")
+    if scale is not None:
+        scale = scale.to(torch.float32).reshape(-1).contiguous()
+        if scale.numel() != t:
+            raise ValueError(f"scale has {scale.numel()} values for {t} tokens")
+    y = _output(out, (*x.shape[:-1], d))
+    rc = native.lib.mk_expert_forward(
+        x2.data_ptr(),
+        t,
+        d,
+        i,
+        gate.data_ptr(),
+        up.data_ptr(),
+        down.data_ptr(),
+        _DTYPES[gate.dtype],
+        None if scale is None else scale.data_ptr(),
+        int(accumulate),
+        y.data_ptr(),
+        _threads(threads),
+    )
+    _raise_for(rc)
+    return y
+
+
+def _lib() -> Native:
+    native = load()
+    if native is None:
+        raise RuntimeError(f"native kernels unavailable: {reason()}")
+    return native
+
+
+def _check_weight(w: torch.Tensor, name: str) -> None:
+    if w.device.type != "cpu" or w.dtype not in _DTYPES or w.dim() != 2 or not w.is_contiguous():
+        raise ValueError(f"{name}: need a contiguous 2-D CPU fp32/bf16/f16 tensor, got {w.dtype} {w.device}")
+
+
+def _activations(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError(f"activations must be fp32 on the CPU, got {x.dtype} {x.device}")
+    if x.shape[-1] != k:
+        raise ValueError(f"activations have {x.shape[-1]} features, weights {k}")
+    return x.reshape(-1, k).contiguous()
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    fits = tuple(out.shape) == shape and out.dtype == torch.float32 and out.device.type == "cpu"
+    if not fits or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 CPU tensor of shape {shape}")
+    return out
+
+
+def _threads(threads: int | None) -> int:
+    return max(1, threads if threads is not None else torch.get_num_threads())
+
+
+def _raise_for(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"native kernel failed: {_ERRORS.get(rc, rc)}")

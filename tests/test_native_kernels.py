@@ -1,0 +1,186 @@
+"""The native CPU kernels (moeinf.kernels) against an fp64 reference on random inputs.
+
+Odd sizes (not multiples of the 8-wide vectors, fewer rows than threads), 1-8 tokens, fp32 / bf16 /
+f16 weights, 1 and 2 threads, the AVX2 and the scalar path. Half-precision weights widen exactly to
+fp32, so every dtype must show only fp32-accumulation error. Skipped when the library is not built.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from moeinf import kernels
+from moeinf.kernels import build
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f"native kernels unavailable: {build.reason()}"
+)
+
+SIZES = (1, 3, 17, 64, 100, 773)
+TOKENS = (1, 2, 3, 8)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Error per token, in the 2-norm, relative to the size of the products summed (|x| |W|^T): fp32
+# accumulation error scales with that, while the plain relative error is unbounded when a sum cancels
+# (torch's own fp32 products show 8e-6 on these inputs). Observed here: ~1e-7.
+TOL = 1e-6
+
+
+@pytest.fixture(params=[True, False], ids=["avx2", "scalar"])
+def simd(request):
+    on = kernels.set_simd(request.param)
+    if request.param and not on:
+        pytest.skip("CPU lacks AVX2+FMA+F16C")
+    yield on
+    kernels.set_simd(True)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor, size: torch.Tensor) -> float:
+    """Largest per-token ||y - ref|| / ||size||, size being the magnitude of the summed products."""
+    y, ref, size = (a.double().reshape(-1, ref.shape[-1]) for a in (y, ref, size))
+    return ((y - ref).norm(dim=-1) / size.norm(dim=-1).clamp_min(1e-300)).max().item()
+
+
+def ref_linear(x, w, bias=None):
+    """fp64 x W^T (+ bias) and the size |x| |W|^T (+ |bias|) its rounding error scales with."""
+    x, w = x.double(), w.double()
+    if bias is None:
+        return x @ w.T, x.abs() @ w.abs().T
+    return x @ w.T + bias.double(), x.abs() @ w.abs().T + bias.double().abs()
+
+
+def ref_swiglu(x, gate, up, down):
+    """fp64 SwiGLU and its error size: the first stage's sizes carried through silu (|silu'| < 1.1)."""
+    x, gate, up, down = (t.double() for t in (x, gate, up, down))
+    g, u = x @ gate.T, x @ up.T
+    h = torch.nn.functional.silu(g) * u
+    h_size = (
+        h.abs()
+        + torch.nn.functional.silu(g).abs() * (x.abs() @ up.abs().T)
+        + 1.1 * u.abs() * (x.abs() @ gate.abs().T)
+    )
+    return h @ down.T, h_size @ down.abs().T
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_matches_fp64(simd, threads):
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for case, (n, k, dtype) in enumerate(itertools.product(SIZES, SIZES, DTYPES)):
+        t = TOKENS[case % len(TOKENS)]
+        x = torch.randn(t, k, generator=g)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        y = kernels.linear(x, w, threads=threads)
+        assert y.shape == (t, n) and y.dtype == torch.float32
+        worst = max(worst, rel_err(y, *ref_linear(x, w)))
+    assert worst < TOL
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_expert_forward_matches_fp64(simd, threads):
+    g = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for case, (d, i, dtype) in enumerate(itertools.product(SIZES, SIZES, DTYPES)):
+        t = TOKENS[(case // len(DTYPES)) % len(TOKENS)]
+        x = torch.randn(t, d, generator=g)
+        gate, up = (torch.randn(i, d, generator=g).to(dtype) for _ in range(2))
+        down = torch.randn(d, i, generator=g).to(dtype)
+        y = kernels.expert_forward(x, gate, up, down, threads=threads)
+        assert y.shape == (t, d)
+        worst = max(worst, rel_err(y, *ref_swiglu(x, gate, up, down)))
+    assert worst < TOL
+
+
+def test_thread_counts_give_identical_bits():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 100, generator=g)
+    w = torch.randn(773, 100, generator=g).to(torch.bfloat16)
+    gate, up = (torch.randn(773, 100, generator=g) for _ in range(2))
+    down = torch.randn(100, 773, generator=g)
+    one = kernels.linear(x, w, threads=1), kernels.expert_forward(x, gate, up, down, threads=1)
+    for threads in (2, 3, 7):
+        assert torch.equal(kernels.linear(x, w, threads=threads), one[0])
+        assert torch.equal(kernels.expert_forward(x, gate, up, down, threads=threads), one[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_half_value_widens_exactly(simd, dtype):
+    """x = 1 and K = 1: y is the weight itself, so all 65536 bit patterns (subnormals, inf, nan) show."""
+    w = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)  # [N, 1]
+    y = kernels.linear(torch.ones(1, 1), w, threads=2)
+    torch.testing.assert_close(y[0], w[:, 0].float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_bias_scale_accumulate_and_out():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 17, generator=g)
+    w, b = torch.randn(5, 17, generator=g), torch.randn(5, generator=g)
+    out = torch.full((2, 5), float("nan"))
+    y = kernels.linear(x, w, b, out=out)
+    assert y is out
+    assert rel_err(y, *ref_linear(x, w, b)) < TOL
+
+    gate, up = torch.randn(9, 17, generator=g), torch.randn(9, 17, generator=g)
+    down = torch.randn(17, 9, generator=g)
+    scale, acc = torch.tensor([0.5, -2.0]), torch.randn(2, 17, generator=g)
+    ref, size = ref_swiglu(x, gate, up, down)
+    expected = acc.double() + scale.double()[:, None] * ref
+    got = kernels.expert_forward(x, gate, up, down, scale=scale, out=acc, accumulate=True)
+    assert got is acc and rel_err(got, expected, 2 * size + acc.abs()) < TOL
+
+
+def test_leading_dims_and_noncontiguous_activations():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(17, 2, generator=g).T  # [2, 17], not contiguous
+    w = torch.randn(3, 17, generator=g)
+    assert rel_err(kernels.linear(x, w), *ref_linear(x, w)) < TOL
+    x3 = torch.randn(1, 2, 17, generator=g)
+    assert kernels.linear(x3, w).shape == (1, 2, 3)
+
+
+def test_rejects_what_it_cannot_compute():
+    x, w = torch.randn(1, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError):
+        kernels.linear(x, torch.randn(3, 5))
+    with pytest.raises(ValueError):
+        kernels.linear(x.double(), w)
+    with pytest.raises(ValueError):
+        kernels.linear(x, torch.randn(4, 3).T)  # a transposed (strided) weight would need a copy
+    with pytest.raises(ValueError):
+        kernels.expert_forward(x, w, w, torch.randn(3, 4))  # down must be [D, I]
+    with pytest.raises(ValueError):
+        kernels.expert_forward(x, w, w, torch.randn(4, 3), accumulate=True)  # no out to add to
+    assert kernels.accepts(x, w)
+    assert not kernels.accepts(torch.randn(kernels.MAX_TOKENS + 1, 4), w)  # prefill: torch
+    assert not kernels.accepts(x.double(), w.double())
+    assert not kernels.accepts(x, torch.randn(4, 3).T)
+    assert not kernels.accepts(x, w, w.half())
+
+
+def test_describe_names_the_path_and_turning_off(monkeypatch):
+    assert "native" in kernels.describe()
+    monkeypatch.setenv("MOEINF_NATIVE", "0")
+    build.reset()
+    try:
+        assert not kernels.available()
+        assert "torch" in kernels.describe() and "MOEINF_NATIVE=0" in kernels.describe()
+        assert not kernels.accepts(torch.randn(1, 4), torch.randn(3, 4))
+    finally:
+        monkeypatch.delenv("MOEINF_NATIVE")
+        build.reset()
+    assert kernels.available()
+
+
+def test_build_reports_a_broken_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # exists, always fails
+    monkeypatch.setenv("MOEINF_NATIVE_DIR", str(tmp_path))
+    build.reset()
+    try:
+        assert not kernels.available()
+        assert "failed" in build.reason()
+    finally:
+        monkeypatch.delenv("CC")
+        monkeypatch.delenv("MOEINF_NATIVE_DIR")
+        build.reset()
