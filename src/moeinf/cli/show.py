@@ -24,7 +24,15 @@ def show(
         info = model.info()
         problems: list[str] | None = None
         if verify:
-            problems = model.verify()
+            seen: dict[str, int] = {}
+
+            with ui.byte_progress(f"verifying {model.name}", model.size_bytes) as advance:
+
+                def report(rel: str, done: int, size: int) -> None:
+                    advance(done - seen.get(rel, 0))
+                    seen[rel] = done
+
+                problems = model.verify(report)
             info["verified"] = not problems
             info["problems"] = problems
         if as_json:
