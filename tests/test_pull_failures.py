@@ -227,3 +227,23 @@ def test_name_taken_by_another_model(hub):
     pull("test/olmoe")
     with pytest.raises(ModelExists, match="rm"):
         pull("test/qwen3_moe", name="olmoe")
+
+
+def test_token_saved_under_hf_home_is_used(custom_repo, hub, tmp_path):
+    """huggingface_hub reads HF_HOME at import, so this runs in a fresh process."""
+    repo = custom_repo(
+        "test/gated-home",
+        {"config.json": "config.json", "model.safetensors": "model.safetensors"},
+        gated_token="hf_from_home",
+    )
+    hf_home = tmp_path / "hf-home-with-token"
+    hf_home.mkdir()
+    (hf_home / "token").write_text("hf_from_home")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(hf_home)}
+    env.pop("HF_TOKEN", None)
+    code = f"from moeinf.pull import pull; print(pull({repo!r}).name)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "gated-home"
