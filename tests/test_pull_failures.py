@@ -17,6 +17,7 @@ from moeinf.errors import (
     GatedRepo,
     IncompleteModel,
     ModelExists,
+    ModelNotFound,
     NetworkError,
     QuantizedCheckpoint,
     RepoNotFound,
@@ -94,6 +95,9 @@ def test_unknown_architecture_is_refused_before_weights_download(custom_repo, hu
     assert "llama" in str(err.value)
     assert any(p.endswith("/config.json") for _, p, _ in hub.requests)
     assert _weight_requests(hub) == []
+    assert not Store().partial_dir("llama").exists()  # a refusal leaves nothing to resume
+    with pytest.raises(ModelNotFound):
+        Store().open("llama")
 
 
 def test_quantized_checkpoint_is_refused_before_weights_download(custom_repo, hub, checkpoint):

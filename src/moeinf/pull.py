@@ -26,8 +26,13 @@ from moeinf.errors import (
     DiskFull,
     InvalidCheckpoint,
     InvalidModelName,
+    InvalidSpec,
     ModelExists,
     QuantizedCheckpoint,
+    ReshardError,
+    UnmappedTensor,
+    UnsafeCheckpoint,
+    UnsupportedArchitecture,
     UnsupportedStoreVersion,
 )
 from moeinf.manifest import FileEntry, Manifest, Source, save, sha256_file
@@ -111,6 +116,9 @@ def pull(
         job = _Job(ref, name, store, emit, target)
         try:
             model = job.run_local() if ref.kind == "local" else job.run_hub()
+        except _REFUSALS:
+            shutil.rmtree(job.partial, ignore_errors=True)  # retrying cannot help: keep nothing
+            raise
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull(
@@ -119,6 +127,17 @@ def pull(
             raise
     emit(PullEvent("done", f"pulled {name} into {model.path}"))
     return model
+
+
+# Failures a retry cannot fix; anything else (network, disk, a kill) leaves the partial pull to resume.
+_REFUSALS = (
+    UnsupportedArchitecture,
+    InvalidSpec,
+    InvalidCheckpoint,
+    UnsafeCheckpoint,
+    ReshardError,
+    UnmappedTensor,
+)
 
 
 def _same_source(source: Source, ref: ModelRef) -> bool:
