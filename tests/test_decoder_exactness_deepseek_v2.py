@@ -44,3 +44,14 @@ def test_greedy_decoding_matches_transformers_generate(pair):
 
 def test_prefill_equals_single_steps(pair):
     battery.check_prefill_equals_steps(*pair[1:])
+
+
+def test_expanded_and_absorbed_attention_both_match_transformers(pair):
+    """Large prefills expand the latent cache, short ones fold kv_b_proj into q/o: check both paths."""
+    model, decoder, prompt = pair
+    attentions = [layer.attn for layer in decoder.layers]
+    for limit in (0, 1 << 30):
+        for attn in attentions:
+            attn.absorb_max_tokens = limit
+        battery.check_logits(model, decoder, prompt)
+        battery.check_prefill_equals_steps(decoder, prompt)

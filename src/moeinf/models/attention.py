@@ -119,6 +119,11 @@ class MLAAttention(nn.Module):
         self.o_proj = nn.Linear(h * a.v_head_dim, d, bias=False)
         self.scale = a.softmax_scale
         self.window = None
+        # Folding kv_b_proj into q and o (see _absorbed) saves expanding S latents (S*C*H*(N+Vd)) but
+        # attends over C+R instead of N+R+Vd dims: cheaper while T*(2C - N - Vd) < C*(N + Vd).
+        extra = 2 * a.kv_lora_rank - a.qk_nope_head_dim - a.v_head_dim
+        saved = a.kv_lora_rank * (a.qk_nope_head_dim + a.v_head_dim)
+        self.absorb_max_tokens = saved // extra if extra > 0 else 1 << 30
 
     def forward(
         self,
@@ -138,6 +143,8 @@ class MLAAttention(nn.Module):
         end = start_pos + t
         cache.latent[start_pos:end] = self.kv_a_norm(latent)
         cache.rope_key[start_pos:end] = k_rot[:, 0]
+        if t <= self.absorb_max_tokens:
+            return self._absorbed(q_nope, q_rot, cache, end, mask)
         kv = self.kv_b_proj(cache.latent[:end]).view(end, h, self.nope + self.v_dim)  # [S, H, N + Vd]
         k_nope, values = kv.split([self.nope, self.v_dim], dim=-1)  # [S, H, N], [S, H, Vd]
         keys = torch.cat(
@@ -152,3 +159,32 @@ class MLAAttention(nn.Module):
             scale=self.scale,
         )  # [1, H, T, Vd]
         return self.o_proj(out[0].transpose(0, 1).reshape(t, h * self.v_dim))
+
+    def _absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rot: torch.Tensor,
+        cache: MLALayerCache,
+        end: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decode without expanding the cache: fold kv_b_proj into the query and the output.
+
+        q_nope . (W_uk latent) = (q_nope W_uk) . latent, and attn @ (W_uv latent) = (attn @ latent) W_uv,
+        so one step costs O(S * C) per head instead of expanding all S cached latents to keys/values.
+        """
+        t, h = q_nope.shape[0], self.heads
+        w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.rank)  # [H, N + Vd, C]
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, N, C], [H, Vd, C]
+        q_latent = torch.matmul(q_nope.transpose(0, 1), w_uk)  # [H, T, C]
+        latent, rope_key = cache.latent[:end], cache.rope_key[:end]  # [S, C], [S, R]
+        scores = torch.matmul(q_latent, latent.t()) + torch.matmul(
+            q_rot.transpose(0, 1), rope_key.t()
+        )  # [H, T, S]
+        scores = scores * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)  # [H, T, S]
+        context = torch.matmul(probs, latent)  # [H, T, C]
+        out = torch.matmul(context, w_uv.transpose(1, 2))  # [H, T, Vd]
+        return self.o_proj(out.transpose(0, 1).reshape(t, h * self.v_dim))

@@ -91,10 +91,7 @@ class Decoder(nn.Module):
                 raise ValueError(
                     f"dense tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
                 )
-            keep_fp32 = ".moe.router." in name and (
-                spec.routing.logits_fp32 or name.endswith("correction_bias")
-            )
-            state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            state[name] = tensor.to(device=device, dtype=weight_dtype(spec, name, dtype))
         if spec.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         decoder.load_state_dict(state, strict=True, assign=True)
@@ -111,10 +108,10 @@ class Decoder(nn.Module):
                 layer.moe.hook = hook
 
     def reset(self) -> None:
-        """Forget the session: positions restart at 0 (the cache is overwritten, not freed)."""
-        for cache in self.caches:
-            for tensor in vars(cache).values():
-                tensor.zero_()
+        """Forget the session: the next forward starts at position 0.
+
+        Nothing to clear: attention only reads positions [0, start_pos + T), all written by then.
+        """
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
@@ -135,6 +132,13 @@ class Decoder(nn.Module):
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()  # [T, V]
+
+
+def weight_dtype(spec: ModelSpec, name: str, dtype: torch.dtype) -> torch.dtype:
+    """Compute dtype, except routers transformers keeps in fp32 (DeepSeek) and correction biases."""
+    if ".moe.router." in name and (spec.routing.logits_fp32 or name.endswith("correction_bias")):
+        return torch.float32
+    return dtype
 
 
 class StoredModelLike(Protocol):
@@ -159,6 +163,8 @@ def load_decoder(
     from safetensors import safe_open
 
     spec: ModelSpec = stored_model.manifest.spec
+    device = torch.device(device)
     with safe_open(str(stored_model.dense_path), framework="pt") as f:
-        dense = {name: f.get_tensor(name) for name in f.keys()}
+        # convert tensor by tensor so that at most one file-dtype tensor is alive at a time
+        dense = {name: f.get_tensor(name).to(device, weight_dtype(spec, name, dtype)) for name in f.keys()}
     return Decoder.build(spec, dense, provider, device=device, dtype=dtype, max_seq_len=max_seq_len)
