@@ -4,7 +4,8 @@ Per layer and domain: the share of expert activations taken by the busiest 20% o
 fraction of a token's experts that the previous token also used at the same layer, each against the
 value uniform random routing would give (20% share; K/E reuse). Also, per layer, how different the
 domains' expert distributions are (mean total-variation distance between domain pairs; 0 = identical).
-Prints a Markdown table.
+The "all" column pools the domains: a model that balances overall but specialises per domain shows a
+high per-domain share and a low pooled one. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -74,24 +75,27 @@ def main() -> None:
     tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     eos_id = tok.token_to_id("<|endoftext|>")
     e, k = model.config.num_local_experts, model.config.num_experts_per_tok
-    share, rep, dist = {}, {}, {}
+    share, rep, dist, all_ids = {}, {}, {}, []
     for d in DOMAINS:
         stream = encode_domain(tok, args.corpus / f"{d}.val.txt", eos_id)
         ids = domain_routing(model, stream, args.seq_len, args.windows)
         share[d], rep[d], dist[d] = top_share(ids, e), reuse(ids), distribution(ids, e)
+        all_ids.append(ids)
+    pooled = top_share(torch.cat(all_ids), e)  # all domains together: is the whole model balanced?
     n_top = math.ceil(0.2 * e)
     print(f"{args.windows} x {args.seq_len} held-out tokens per domain; {e} experts, top-{k}.\n")
-    head = " | ".join([f"top-20% share {d}" for d in DOMAINS] + [f"reuse {d}" for d in DOMAINS])
+    head = " | ".join([f"top-20% share {d}" for d in DOMAINS] + ["all"] + [f"reuse {d}" for d in DOMAINS])
     print(f"| layer | {head} | domain TV distance |")
-    print("|---" * (2 + 2 * len(DOMAINS)) + "|")
+    print("|---" * (3 + 2 * len(DOMAINS)) + "|")
     pairs = list(itertools.combinations(DOMAINS, 2))
     for layer in range(model.config.num_hidden_layers):
         tv = sum(0.5 * (dist[a][layer] - dist[b][layer]).abs().sum().item() for a, b in pairs) / len(pairs)
-        cells = [f"{share[d][layer]:.0%}" for d in DOMAINS] + [f"{rep[d][layer]:.0%}" for d in DOMAINS]
+        cells = [f"{share[d][layer]:.0%}" for d in DOMAINS] + [f"{pooled[layer]:.0%}"]
+        cells += [f"{rep[d][layer]:.0%}" for d in DOMAINS]
         print(f"| {layer} | " + " | ".join(cells) + f" | {tv:.2f} |")
-    uniform = [f"{n_top / e:.0%}"] * len(DOMAINS) + [f"{k / e:.1%}"] * len(DOMAINS)
+    uniform = [f"{n_top / e:.0%}"] * (len(DOMAINS) + 1) + [f"{k / e:.1%}"] * len(DOMAINS)
     print("| uniform | " + " | ".join(uniform) + " | 0.00 |")
-    means = [f"{sum(share[d]) / len(share[d]):.0%}" for d in DOMAINS]
+    means = [f"{sum(share[d]) / len(share[d]):.0%}" for d in DOMAINS] + [f"{sum(pooled) / len(pooled):.0%}"]
     means += [f"{sum(rep[d]) / len(rep[d]):.0%}" for d in DOMAINS]
     print("| mean | " + " | ".join(means) + " | |")
 

@@ -65,10 +65,19 @@ def batch(streams: dict[str, torch.Tensor], per_domain: int, seq_len: int, gen: 
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Warmup, cosine decay planned over --cosine-horizon steps, linear cooldown over the last steps.
+
+    The cooldown makes a run that stops before the horizon (--steps < --cosine-horizon) still end at a low
+    learning rate; --steps can be lowered on --resume as long as the cooldown has not started.
+    """
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    frac = (step - args.warmup) / max(1, args.cosine_horizon - args.warmup)
+    lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    cooldown_start = args.steps * (1 - args.cooldown)
+    if step > cooldown_start:
+        lr *= 1 - 0.9 * (step - cooldown_start) / (args.steps - cooldown_start)
+    return lr
 
 
 @torch.no_grad()
@@ -79,19 +88,21 @@ def evaluate(model: MixtralForCausalLM, val: dict[str, torch.Tensor], seq_len: i
     for domain in DOMAINS:
         s = val[domain]
         starts = torch.linspace(0, len(s) - seq_len - 1, 8).long().tolist()
-        x = torch.stack([s[i : i + seq_len] for i in starts]).long()  # [8, S]
+        x = torch.stack([s[i : i + seq_len] for i in starts]).long().to(model.device)  # [8, S]
         out = model(input_ids=x, labels=x, output_router_logits=False)  # labels shifted inside
         losses[domain] = out.loss.item()
     model.train()
     return losses
 
 
-def save_hub(model: MixtralForCausalLM, out: Path, tokenizer_dir: Path, eos_id: int) -> None:
+def save_hub(
+    model: MixtralForCausalLM, out: Path, tokenizer_dir: Path, eos_id: int, max_shard_size: str = "100MB"
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16 = copy.deepcopy(model).to("cpu", torch.bfloat16)
     bf16.config.output_router_logits = False
     bf16.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id)
-    bf16.save_pretrained(out, safe_serialization=True)
+    bf16.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, out / name)
 
@@ -105,6 +116,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (the reference) or cuda (not bit-identical to cpu)")
+    p.add_argument("--max-shard-size", default="100MB", help="safetensors shard size of the saved model")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--expert-dim", type=int, default=96)
     p.add_argument("--layers", type=int, default=6)
@@ -116,6 +129,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--per-domain", type=int, default=4, help="sequences per domain per step")
     p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--cosine-horizon", type=int, default=1800)
+    p.add_argument("--cooldown", type=float, default=0.2, help="fraction of --steps spent cooling down")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--save-every", type=int, default=100)
@@ -132,7 +147,7 @@ def main() -> None:
     print("train tokens:", {d: len(s) for d, s in streams.items()}, flush=True)
 
     config = make_config(args, tok.get_vocab_size(), eos_id)
-    model = MixtralForCausalLM(config)
+    model = MixtralForCausalLM(config).to(args.device)  # initialised on the CPU: same weights anywhere
     n_params = sum(t.numel() for t in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
     decay = [t for n, t in model.named_parameters() if t.dim() >= 2 and "embed" not in n]
@@ -145,18 +160,21 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
     if args.resume and args.state.exists():
-        state = torch.load(args.state, weights_only=False)
-        model.load_state_dict(state["model"])
+        state = torch.load(args.state, weights_only=False, map_location=args.device)
+        model.load_state_dict(state["model"])  # map_location: the state may come from another device
         opt.load_state_dict(state["optim"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         step = state["step"]
         print(f"resumed at step {step}", flush=True)
 
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "evals": []}
+    log_path = args.out.parent / "train_log.json"
+    if step and log_path.exists():  # resumed: keep the evaluations of the earlier part
+        log["evals"] = [e for e in json.loads(log_path.read_text())["evals"] if e["step"] <= step]
     t0 = time.time()
     model.train()
     while step < args.steps:
-        x = batch(streams, args.per_domain, args.seq_len, gen)  # [B, S]
+        x = batch(streams, args.per_domain, args.seq_len, gen).to(args.device)  # [B, S]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         out = model(input_ids=x, labels=x)  # transformers shifts labels internally; loss includes aux
@@ -180,11 +198,11 @@ def main() -> None:
             log["evals"].append({"step": step, "minutes": elapsed / 60, "val_ce": losses})
             print(f"eval step {step}: " + "  ".join(f"{d} {v:.3f}" for d, v in losses.items()), flush=True)
         if step % args.save_every == 0 or step == args.steps or over_time:
-            save_hub(model, args.out, args.tokenizer, eos_id)
+            save_hub(model, args.out, args.tokenizer, eos_id, args.max_shard_size)
             state = {"model": model.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state()}
             torch.save({**state, "step": step}, args.state)
             log["step"] = step
-            (args.out.parent / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+            log_path.write_text(json.dumps(log, indent=1) + "\n")
         if over_time:
             print(f"stopping at step {step}: time limit", flush=True)
             break
