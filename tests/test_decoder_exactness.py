@@ -75,3 +75,17 @@ def test_context_limit_is_a_clear_error(pair):
         decoder(torch.zeros(65, dtype=torch.long), 0)
     with pytest.raises(ContextTooLong):
         decoder(prompt[:1], 64)
+
+
+def test_chunked_prefill_equals_one_pass(pair):
+    _, decoder, prompt = pair
+    decoder.reset()
+    whole = decoder(prompt, 0)
+    decoder.prefill_chunk = 5
+    try:
+        decoder.reset()
+        assert torch.allclose(decoder(prompt, 0), whole, atol=1e-5, rtol=0)
+        decoder.reset()
+        assert torch.allclose(decoder(prompt, 0, last_only=True), whole[-1:], atol=1e-5, rtol=0)
+    finally:
+        decoder.prefill_chunk = 512

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from moeinf.runtime.routing_hooks import RoutingHook
 
 
+PREFILL_CHUNK = 512  # tokens per prefill pass
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, provider: ExpertProvider) -> None:
         super().__init__()
@@ -58,6 +61,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.max_seq_len = 0
+        # Long prefills run in chunks: attention scores are [H, chunk, S], not [H, T, S].
+        self.prefill_chunk = PREFILL_CHUNK
 
     @classmethod
     def build(
@@ -124,6 +129,13 @@ class Decoder(nn.Module):
                 f"{start_pos + t} tokens exceed the context length of {self.max_seq_len} "
                 "this model was loaded with"
             )
+        if t > self.prefill_chunk:
+            step = self.prefill_chunk
+            chunks = [
+                self.forward(tokens[i : i + step], start_pos + i, last_only=last_only)
+                for i in range(0, t, step)
+            ]
+            return chunks[-1] if last_only else torch.cat(chunks)
         windows = {layer.attn.window for layer in self.layers}
         masks = {w: causal_mask(start_pos, t, w, self.device) for w in windows}
         x = self.embed_tokens(tokens.to(self.device))  # [T, D]
