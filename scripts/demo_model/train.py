@@ -64,6 +64,24 @@ def batch(streams: dict[str, torch.Tensor], per_domain: int, seq_len: int, gen: 
     return torch.stack(rows).long()
 
 
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss per layer, averaged over layers (perfect balance: top_k).
+
+    transformers' Mixtral loss pools every layer's tokens by expert index, so expert e of layer 0 and
+    expert e of layer 5 count together and a single layer can collapse onto a few experts unpunished.
+    """
+    losses = []
+    for logits in router_logits:  # [T, E] per layer
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        chosen = probs.topk(top_k, dim=-1).indices.reshape(-1)  # [T*K]
+        ones = torch.ones_like(chosen, dtype=probs.dtype)
+        share = (
+            torch.zeros(probs.shape[1], device=probs.device).scatter_add_(0, chosen, ones) / probs.shape[0]
+        )
+        losses.append(probs.shape[1] * (share * probs.mean(0)).sum())  # share: [E], sums to top_k
+    return torch.stack(losses).mean()
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Warmup, cosine decay planned over --cosine-horizon steps, linear cooldown over the last steps.
 
@@ -125,7 +143,13 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--aux-coef", type=float, default=0.01)
+    p.add_argument("--aux-coef", type=float, default=0.01, help="transformers' (layer-pooled) aux loss")
+    # The shipped model used the layer-pooled loss for its first 300 steps (then found to let single
+    # layers collapse onto few experts) and the per-layer loss after; the defaults reproduce that.
+    p.add_argument(
+        "--per-layer-aux-from", type=int, default=300, help="step from which to use the per-layer loss"
+    )
+    p.add_argument("--per-layer-aux-coef", type=float, default=0.02)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--per-domain", type=int, default=4, help="sequences per domain per step")
     p.add_argument("--steps", type=int, default=1800)
@@ -177,18 +201,25 @@ def main() -> None:
         x = batch(streams, args.per_domain, args.seq_len, gen).to(args.device)  # [B, S]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        out = model(input_ids=x, labels=x)  # transformers shifts labels internally; loss includes aux
+        if step < args.per_layer_aux_from:
+            out = model(input_ids=x, labels=x)  # transformers shifts labels; loss includes its pooled aux
+            loss, aux, ce = out.loss, out.aux_loss, out.loss - args.aux_coef * out.aux_loss
+        else:
+            out = model(input_ids=x)
+            logits = out.logits[:, :-1].float()  # [B, S-1, V]
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            aux = per_layer_balance_loss(out.router_logits, config.num_experts_per_tok)
+            loss = ce + args.per_layer_aux_coef * aux
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         elapsed = time.time() - t0
         if step % 10 == 0 or step == 1:
-            ce = out.loss.item() - args.aux_coef * out.aux_loss.item()
             tps = step * x.numel() / elapsed if not args.resume else float("nan")
             print(
-                f"step {step:5d}  ce {ce:.3f}  aux {out.aux_loss.item():.3f}  lr {lr_at(step, args):.2e}"
+                f"step {step:5d}  ce {ce.item():.3f}  aux {aux.item():.3f}  lr {lr_at(step, args):.2e}"
                 f"  {elapsed / 60:6.1f} min  {tps:.0f} tok/s",
                 flush=True,
             )
