@@ -46,7 +46,7 @@ def test_fp32_greedy_on_cuda_equals_transformers_on_cuda(family, checkpoint):
 
 def test_cli_defaults_to_bf16_on_cuda(checkpoint):
     ckpt = str(checkpoint("deepseek_v3"))
-    out = run_json(ckpt, PROMPT, "--raw", "--ignore-eos", "--max-tokens", "16", "--device", "cuda")
+    out = run_json(ckpt, PROMPT, "--raw", "--ignore-eos", "--max-tokens", "16", device="auto")
     assert len(out["token_ids"]) == 16 and out["stats"]["decode_tps"] > 0
     engine = Engine.load("deepseek_v3", device="auto")
     assert engine.device.type == "cuda" and engine.dtype == torch.bfloat16

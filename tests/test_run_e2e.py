@@ -42,8 +42,10 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
-def run_json(*args: str) -> dict:
-    result = CliRunner().invoke(app, ["run", *args, "--format", "json"])
+def run_json(*args: str, device: str = "cpu") -> dict:
+    """`moeinf run ARGS --format json` in-process. CPU by default: `auto` picks bf16 on a CUDA machine,
+    and these tests compare against transformers in fp32."""
+    result = CliRunner().invoke(app, ["run", *args, "--format", "json", "--device", device])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

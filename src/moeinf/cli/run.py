@@ -163,6 +163,8 @@ def _answer_json(session, text: str, *, verbose: bool) -> None:
     total = time.perf_counter() - start
     out = {
         "model": session.engine.name,
+        "device": str(session.engine.device),
+        "dtype": str(session.engine.dtype).removeprefix("torch."),
         "text": result.text if session.raw else result.text.lstrip(),
         "token_ids": result.token_ids,
         "prompt_token_ids": result.prompt_token_ids,
