@@ -77,6 +77,9 @@ class Terminal:
         raise AssertionError("the REPL did not exit")
 
 
+# pty.fork() warns in a multi-threaded process (torch's threads); the child only execs, so it is safe,
+# and the pty must become the child's controlling terminal for Ctrl-C to reach it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_repl_in_a_terminal(model):
     term = Terminal("run", model, "--temperature", "0")
     try:
