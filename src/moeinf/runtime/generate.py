@@ -180,17 +180,8 @@ def generate(
         else:
             decode_s += step_s
 
-        finish: FinishReason | None = "eos" if token in eos else None
-        text, stopped = stops.feed(detok.flush() if finish else detok.add(token))
-        if stopped:
-            finish = "stop"
-        elif finish is None and (index + 1 == params.max_tokens or length >= limit):
-            finish = "length"
-            text_tail, stopped = stops.feed(detok.flush())  # an incomplete character, if any
-            text += text_tail
-            finish = "stop" if stopped else finish
-        if finish in ("eos", "length"):
-            text += stops.flush()  # text held back as a possible stop string was not one
+        at_limit = index + 1 == params.max_tokens or length >= limit
+        text, finish = _new_text(token, token in eos, at_limit, detok, stops)
 
         timings = Timings(len(prompt_ids), reused, prompt_s, index + 1, decode_s, step_s)
         yield Step(index, token, text, timings, finish, target.cache_stats() if finish else {})
@@ -199,6 +190,22 @@ def generate(
         start = time.perf_counter()
         logits = forward(target, torch.tensor([token], dtype=torch.long, device=target.device), length - 1)
         index += 1
+
+
+def _new_text(
+    token: int, is_eos: bool, at_limit: bool, detok: StreamDecoder, stops: StopMatcher
+) -> tuple[str, FinishReason | None]:
+    """The printable text one new token adds and, when generation ends with it, why."""
+    if is_eos:  # EOS itself has no text; release what was held back
+        text, stopped = stops.feed(detok.flush())
+        return (text, "stop") if stopped else (text + stops.flush(), "eos")
+    text, stopped = stops.feed(detok.add(token))
+    if stopped:
+        return text, "stop"
+    if not at_limit:
+        return text, None
+    tail, stopped = stops.feed(detok.flush())  # an incomplete character, if any
+    return (text + tail, "stop") if stopped else (text + tail + stops.flush(), "length")
 
 
 @dataclass(frozen=True)
