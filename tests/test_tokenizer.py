@@ -191,3 +191,21 @@ def test_special_ids_and_vocab(qwen_dir):
     im_end = ours.token_id("<|im_end|>")
     assert im_end in ours.special_ids and ours.eos_token_id == im_end
     assert ours.vocab_size == len(json.loads((qwen_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 5
+
+
+@pytest.mark.parametrize(
+    ("writer", "tokenizer_class"),
+    [
+        (write_llama_style, "LlamaTokenizerFast"),  # Mixtral's tokenizer_config.json names this class
+        (write_bytelevel_style, "Qwen2TokenizerFast"),
+        (write_bytelevel_style, "GPTNeoXTokenizerFast"),  # OLMoE
+    ],
+)
+def test_model_specific_tokenizer_classes_match(writer, tokenizer_class, tmp_path):
+    # transformers 5 rebuilds these classes' pipelines from vocab and merges; tokenizer.json must agree.
+    ours, theirs = _pair(writer(tmp_path, tokenizer_class=tokenizer_class))
+    assert type(theirs).__name__ != "TokenizersBackend"
+    for text in TEXTS:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
