@@ -163,3 +163,24 @@ class InvalidTrace(MoeinfError):
 
 class QuantizedCheckpoint(UnsupportedArchitecture):
     """A checkpoint with a quantization_config (FP8, GPTQ, AWQ, ...): moeinf reads bf16/fp16/fp32 weights."""
+
+
+# --- the HTTP server (moeinf serve) -------------------------------------------------------------
+
+
+class BadRequest(MoeinfError):
+    """An HTTP API request the server cannot use: malformed JSON, a missing or mistyped field."""
+
+    exit_code = 2
+
+
+class RequestTooLarge(BadRequest):
+    """An HTTP request body over the server's limit."""
+
+
+class QueueFull(MoeinfError):
+    """The server's request queue is full: try again later (HTTP 503 with Retry-After)."""
+
+
+class MissingDependency(MoeinfError):
+    """An optional dependency a command needs is not installed; the message says how to install it."""

@@ -20,6 +20,7 @@ ENVIRONMENT: dict[str, str] = {
     "MOEINF_NATIVE": "set to 0 to turn the native CPU kernels off (use torch for every product)",
     "MOEINF_NATIVE_DIR": "build cache of the native kernel library (default $XDG_CACHE_HOME/moeinf/native)",
     "CC": "C compiler for the native kernels (default: cc, then gcc, then clang on PATH)",
+    "MOEINF_API_KEY": "`moeinf serve` requires `Authorization: Bearer <key>` on every request (as --api-key)",
 }
 
 
@@ -55,3 +56,8 @@ def native_dir() -> Path:
 def c_compiler() -> str | None:
     """$CC if set (a program name or path), else None: the build picks cc, gcc or clang from PATH."""
     return os.environ.get("CC", "").strip() or None
+
+
+def api_key() -> str | None:
+    """$MOEINF_API_KEY if set and not blank: the key `moeinf serve` requires (--api-key overrides it)."""
+    return os.environ.get("MOEINF_API_KEY", "").strip() or None
