@@ -211,21 +211,28 @@ static rows_fn rows_for(int dtype) {
 }
 
 /* ---------------------------------------------------------------- thread pool */
-/* The caller is thread 0; workers 1..n-1 wait for a new generation, spin briefly (the next product
- * of a decode step follows within microseconds), then sleep on a condition variable. One job at a
- * time: concurrent callers are serialised by `submit`. */
+/* A job is a number of row chunks. The caller publishes it, wakes the workers and claims chunks
+ * itself; workers claim chunks from the same atomic counter while they last. The caller waits for
+ * the chunks to be done, not for the workers to show up, so a worker that the OS has not scheduled
+ * (a busy or shared machine) costs nothing: the caller then does all the work, at one thread's speed.
+ * Workers spin briefly after a job (the next product of a decode step follows within microseconds),
+ * then sleep on a condition variable. One job at a time: callers are serialised by `submit`. */
 
-typedef void (*task_fn)(void *arg, int tid, int nth);
+typedef struct job job_t;
+struct job {
+    void (*chunk)(const job_t *, int64_t c); /* compute chunk c */
+    int64_t chunks;
+    atomic_llong next, done;
+    const void *args;
+};
 
 static struct {
     pthread_mutex_t submit, lock;
     pthread_cond_t wake;
     int workers;
     atomic_uint gen;
-    task_fn fn;
-    void *arg;
-    int nth;
-    atomic_int remaining;
+    job_t *_Atomic current;
+    atomic_int active; /* workers inside a job: the caller's job must outlive them */
 } pool = {.submit = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 static inline void cpu_relax(void) {
@@ -242,14 +249,18 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-static unsigned start_gen[MK_MAX_THREADS]; /* the generation current when worker tid was created */
+static void work_on(job_t *j) {
+    for (int64_t c; (c = atomic_fetch_add(&j->next, 1)) < j->chunks;) {
+        j->chunk(j, c);
+        atomic_fetch_add(&j->done, 1);
+    }
+}
 
 static void *worker_main(void *p) {
-    int tid = (int)(intptr_t)p;
-    unsigned seen = start_gen[tid]; /* not pool.gen: the first job may be published before we get here */
+    unsigned seen = (unsigned)(uintptr_t)p; /* the generation when this worker was created */
     for (;;) {
         int64_t deadline = now_ns() + MK_SPIN_NS;
-        for (int i = 0; atomic_load_explicit(&pool.gen, memory_order_acquire) == seen; i++) {
+        for (int i = 0; atomic_load(&pool.gen) == seen; i++) {
             cpu_relax();
             if ((i & 255) == 255 && now_ns() > deadline) {
                 pthread_mutex_lock(&pool.lock);
@@ -257,11 +268,13 @@ static void *worker_main(void *p) {
                 pthread_mutex_unlock(&pool.lock);
             }
         }
-        seen = atomic_load_explicit(&pool.gen, memory_order_acquire);
-        if (tid < pool.nth) {
-            pool.fn(pool.arg, tid, pool.nth);
-            atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_release);
-        }
+        seen = atomic_load(&pool.gen);
+        /* Announce, then look: the caller clears `current` before it waits for `active` to drop to 0
+         * (both seq_cst), so a job seen here is still alive. */
+        atomic_fetch_add(&pool.active, 1);
+        job_t *j = atomic_load(&pool.current);
+        if (j) work_on(j);
+        atomic_fetch_sub(&pool.active, 1);
     }
     return NULL;
 }
@@ -272,60 +285,65 @@ static void after_fork_child(void) {
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pool.workers = 0;
+    atomic_store(&pool.active, 0);
+    atomic_store(&pool.current, NULL);
 }
 
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 static void install_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_child); }
 
-/* Run fn(arg, tid, nth) for tid in [0, nth) on nth threads and wait for all of them. */
-static void run_parallel(task_fn fn, void *arg, int nth) {
-    if (nth <= 1) {
-        fn(arg, 0, 1);
+static void spin_until_equal(atomic_llong *v, long long want) {
+    for (int i = 0; atomic_load(v) != want; i++)
+        if (i < 20000) cpu_relax();
+        else sched_yield();
+}
+
+/* Run all chunks of j on up to nth threads (the caller included) and return when they are done. */
+static void run_job(job_t *j, int nth) {
+    atomic_store(&j->next, 0);
+    atomic_store(&j->done, 0);
+    if (nth <= 1 || j->chunks <= 1) {
+        work_on(j);
         return;
     }
     pthread_once(&fork_once, install_fork_handler);
     pthread_mutex_lock(&pool.submit);
-    while (pool.workers < nth - 1) {
+    while (pool.workers < nth - 1 && pool.workers < MK_MAX_THREADS - 1) {
         pthread_t th;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        start_gen[pool.workers + 1] = atomic_load(&pool.gen);
-        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(pool.workers + 1));
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(uintptr_t)atomic_load(&pool.gen));
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
         pool.workers++;
     }
-    if (nth > pool.workers + 1) nth = pool.workers + 1;
-    pool.fn = fn;
-    pool.arg = arg;
-    pool.nth = nth;
-    atomic_store(&pool.remaining, nth - 1);
+    atomic_store(&pool.current, j);
     pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    atomic_fetch_add(&pool.gen, 1);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
-    fn(arg, 0, nth);
-    for (int i = 0; atomic_load_explicit(&pool.remaining, memory_order_acquire) > 0; i++)
-        if (i < 100000) cpu_relax();
+    work_on(j);
+    spin_until_equal(&j->done, j->chunks);
+    atomic_store(&pool.current, NULL);
+    for (int i = 0; atomic_load(&pool.active) > 0; i++)
+        if (i < 20000) cpu_relax();
         else sched_yield();
     pthread_mutex_unlock(&pool.submit);
 }
 
-/* Thread tid's share of n rows, in multiples of 4 so blocks stay whole. */
-static void split_rows(int64_t n, int tid, int nth, int64_t *n0, int64_t *n1) {
-    int64_t blocks = (n + 3) / 4, per = blocks / nth, extra = blocks % nth;
-    int64_t b0 = tid * per + (tid < extra ? tid : extra), b1 = b0 + per + (tid < extra);
-    *n0 = b0 * 4 < n ? b0 * 4 : n;
-    *n1 = b1 * 4 < n ? b1 * 4 : n;
-}
-
-static int clamp_threads(int nth, int64_t rows) {
+/* Rows per chunk: about 8 chunks per thread, in multiples of 4 so row blocks stay whole. */
+static int64_t chunk_rows(int64_t rows, int nth) {
     if (nth < 1) nth = 1;
     if (nth > MK_MAX_THREADS) nth = MK_MAX_THREADS;
-    int64_t blocks = (rows + 3) / 4;
-    if (nth > blocks) nth = (int)(blocks > 0 ? blocks : 1);
-    return nth;
+    int64_t r = (rows + 8 * nth - 1) / (8 * nth);
+    r = (r + 3) / 4 * 4;
+    return r < 16 ? 16 : r;
+}
+
+static void chunk_range(int64_t c, int64_t per, int64_t rows, int64_t *r0, int64_t *r1) {
+    *r0 = c * per;
+    *r1 = *r0 + per < rows ? *r0 + per : rows;
 }
 
 /* ---------------------------------------------------------------- public API */
@@ -333,17 +351,17 @@ static int clamp_threads(int nth, int64_t rows) {
 typedef struct {
     rows_fn rows;
     const float *x;
-    int64_t T, K, N;
+    int64_t T, K, N, per;
     const void *w;
     float *y;
     epilogue_t ep;
-} linear_job;
+} linear_args;
 
-static void linear_task(void *p, int tid, int nth) {
-    linear_job *j = p;
+static void linear_chunk(const job_t *j, int64_t c) {
+    const linear_args *a = j->args;
     int64_t n0, n1;
-    split_rows(j->N, tid, nth, &n0, &n1);
-    if (n0 < n1) j->rows(j->x, j->T, j->K, j->w, n0, n1, j->y, j->N, &j->ep);
+    chunk_range(c, a->per, a->N, &n0, &n1);
+    a->rows(a->x, a->T, a->K, a->w, n0, n1, a->y, a->N, &a->ep);
 }
 
 /* y[T, N] = x[T, K] W[N, K]^T + bias[N]. */
@@ -353,40 +371,41 @@ int mk_linear(const float *x, int64_t T, int64_t K, const void *w, int dtype, in
     if (!rows) return MK_EDTYPE;
     if (T < 0 || K < 0 || N < 0) return MK_ESHAPE;
     if (T == 0 || N == 0) return MK_OK;
-    linear_job j = {rows, x, T, K, N, w, y, {bias, NULL, 0}};
-    run_parallel(linear_task, &j, clamp_threads(nthreads, N));
+    int64_t per = chunk_rows(N, nthreads);
+    linear_args a = {rows, x, T, K, N, per, w, y, {bias, NULL, 0}};
+    job_t j = {linear_chunk, (N + per - 1) / per, 0, 0, &a};
+    run_job(&j, nthreads);
     return MK_OK;
 }
 
 typedef struct {
     rows_fn rows;
     const float *x;
-    int64_t T, D, I;
+    int64_t T, D, I, per_i, per_d;
     const void *gate, *up, *down;
     float *g, *u; /* [T, I] each: gate and up products, then h = silu(g) * u in g */
     float *out;
     epilogue_t ep;
-} expert_job;
+} expert_args;
 
-static void expert_up_task(void *p, int tid, int nth) {
-    expert_job *j = p;
+static void expert_up_chunk(const job_t *j, int64_t c) {
+    const expert_args *a = j->args;
     epilogue_t plain = {NULL, NULL, 0};
     int64_t i0, i1;
-    split_rows(j->I, tid, nth, &i0, &i1);
-    if (i0 >= i1) return;
-    j->rows(j->x, j->T, j->D, j->gate, i0, i1, j->g, j->I, &plain);
-    j->rows(j->x, j->T, j->D, j->up, i0, i1, j->u, j->I, &plain);
-    for (int64_t t = 0; t < j->T; t++) {
-        float *g = j->g + t * j->I, *u = j->u + t * j->I;
+    chunk_range(c, a->per_i, a->I, &i0, &i1);
+    a->rows(a->x, a->T, a->D, a->gate, i0, i1, a->g, a->I, &plain);
+    a->rows(a->x, a->T, a->D, a->up, i0, i1, a->u, a->I, &plain);
+    for (int64_t t = 0; t < a->T; t++) {
+        float *g = a->g + t * a->I, *u = a->u + t * a->I;
         for (int64_t i = i0; i < i1; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
 
-static void expert_down_task(void *p, int tid, int nth) {
-    expert_job *j = p;
+static void expert_down_chunk(const job_t *j, int64_t c) {
+    const expert_args *a = j->args;
     int64_t d0, d1;
-    split_rows(j->D, tid, nth, &d0, &d1);
-    if (d0 < d1) j->rows(j->g, j->T, j->I, j->down, d0, d1, j->out, j->D, &j->ep);
+    chunk_range(c, a->per_d, a->D, &d0, &d1);
+    a->rows(a->g, a->T, a->I, a->down, d0, d1, a->out, a->D, &a->ep);
 }
 
 /* out[T, D] = (accumulate ? out : 0) + scale[T] * down(silu(x gate^T) * (x up^T)).
@@ -402,9 +421,12 @@ int mk_expert_forward(const float *x, int64_t T, int64_t D, int64_t I, const voi
     size_t need = (size_t)(2 * T * I);
     float *h = need <= sizeof stack / sizeof *stack ? stack : malloc(need * sizeof(float));
     if (!h) return MK_ENOMEM;
-    expert_job j = {rows, x, T, D, I, gate, up, down, h, h + T * I, out, {NULL, scale, accumulate}};
-    run_parallel(expert_up_task, &j, clamp_threads(nthreads, I));
-    run_parallel(expert_down_task, &j, clamp_threads(nthreads, D));
+    int64_t per_i = chunk_rows(I, nthreads), per_d = chunk_rows(D, nthreads);
+    expert_args a = {rows, x, T, D, I, per_i, per_d, gate, up, down, h, h + T * I, out, {NULL, scale, accumulate}};
+    job_t up_job = {expert_up_chunk, (I + per_i - 1) / per_i, 0, 0, &a};
+    job_t down_job = {expert_down_chunk, (D + per_d - 1) / per_d, 0, 0, &a};
+    if (I > 0) run_job(&up_job, nthreads);
+    run_job(&down_job, nthreads);
     if (h != stack) free(h);
     return MK_OK;
 }
