@@ -71,28 +71,37 @@ def run(
             raise BadOption("no prompt: give PROMPT, pipe text on stdin, or run in a terminal to chat")
 
         engine = _load(model, device=device, threads=threads, num_ctx=num_ctx)
-        session = _session(
-            engine,
-            raw=raw,
-            system=system,
-            overrides={
-                "temperature": temperature,
-                "top_k": top_k,
-                "top_p": top_p,
-                "min_p": min_p,
-                "repeat_penalty": repeat_penalty,
-                "seed": seed,
-            },
-            max_tokens=max_tokens,
-            stop=tuple(stop or ()),
-            ignore_eos=ignore_eos,
-        )
-        if interactive:
-            _repl(session, verbose=verbose)
-        elif format == "json":
-            _answer_json(session, text, verbose=verbose)
-        else:
-            _answer_text(session, text, verbose=verbose)
+        with contextlib.closing(engine):  # the expert cache's worker threads end with the command
+            _chat(
+                engine,
+                text if not interactive else None,
+                format=format,
+                verbose=verbose,
+                raw=raw,
+                system=system,
+                overrides={
+                    "temperature": temperature,
+                    "top_k": top_k,
+                    "top_p": top_p,
+                    "min_p": min_p,
+                    "repeat_penalty": repeat_penalty,
+                    "seed": seed,
+                },
+                max_tokens=max_tokens,
+                stop=tuple(stop or ()),
+                ignore_eos=ignore_eos,
+            )
+
+
+def _chat(engine, text: str | None, *, format: str | None, verbose: bool, **session_options) -> None:
+    """Answer `text` once (text or JSON), or start the REPL when there is no text."""
+    session = _session(engine, **session_options)
+    if text is None:
+        _repl(session, verbose=verbose)
+    elif format == "json":
+        _answer_json(session, text, verbose=verbose)
+    else:
+        _answer_text(session, text, verbose=verbose)
 
 
 @contextlib.contextmanager
