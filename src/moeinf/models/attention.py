@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeinf.models.layers import RMSNorm
+from moeinf.models.layers import Linear, RMSNorm
 from moeinf.models.rope import RotaryTable
 from moeinf.models.spec import ModelSpec
 from moeinf.runtime.kv_cache import GQALayerCache, MLALayerCache
@@ -46,10 +46,10 @@ class GQAAttention(nn.Module):
         a = spec.attention
         d, q_dim, kv_dim = spec.hidden_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.heads, self.kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.q_proj = nn.Linear(d, q_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(d, kv_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(d, kv_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, d, bias=a.o_bias)
+        self.q_proj = Linear(d, q_dim, bias=a.qkv_bias)
+        self.k_proj = Linear(d, kv_dim, bias=a.qkv_bias)
+        self.v_proj = Linear(d, kv_dim, bias=a.qkv_bias)
+        self.o_proj = Linear(q_dim, d, bias=a.o_bias)
         self.qk_norm = a.qk_norm
         if a.qk_norm != "none":
             per_head = a.qk_norm == "per_head"
@@ -107,16 +107,16 @@ class MLAAttention(nn.Module):
         )
         qk = a.qk_head_dim
         if a.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * qk, bias=False)
+            self.q_proj = Linear(d, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, a.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(d, a.q_lora_rank, bias=False)
             self.q_a_norm = RMSNorm(a.q_lora_rank, LORA_NORM_EPS)
-            self.q_b_proj = nn.Linear(a.q_lora_rank, h * qk, bias=False)
+            self.q_b_proj = Linear(a.q_lora_rank, h * qk, bias=False)
         self.q_lora = a.q_lora_rank is not None
-        self.kv_a_proj = nn.Linear(d, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
+        self.kv_a_proj = Linear(d, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
         self.kv_a_norm = RMSNorm(a.kv_lora_rank, LORA_NORM_EPS)
-        self.kv_b_proj = nn.Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * a.v_head_dim, d, bias=False)
+        self.kv_b_proj = Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.o_proj = Linear(h * a.v_head_dim, d, bias=False)
         self.scale = a.softmax_scale
         self.window = None
         # Folding kv_b_proj into q and o (see _absorbed) saves expanding S latents (S*C*H*(N+Vd)) but

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeinf import kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -24,19 +26,36 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose decode-sized CPU products (T <= kernels.MAX_TOKENS) run on the native kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.accepts(x, self.weight):
+            return kernels.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)): dense layers and shared experts."""
 
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner, bias=False)
+        self.up_proj = Linear(hidden, inner, bias=False)
+        self.down_proj = Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One routed expert: x [T, D], gate/up [F, D], down [D, F] -> [T, D]."""
+    """One routed expert: x [T, D], gate/up [F, D], down [D, F] -> [T, D].
+
+    Decode-sized CPU calls run the fused native kernel, which also takes half-precision weights with
+    fp32 activations (cache slots kept in the stored dtype); otherwise torch, upcasting such weights.
+    """
+    if kernels.accepts(x, gate, up, down):
+        return kernels.expert_forward(x, gate, up, down)
+    if gate.dtype != x.dtype:
+        gate, up, down = gate.to(x.dtype), up.to(x.dtype), down.to(x.dtype)
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)

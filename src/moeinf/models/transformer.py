@@ -19,7 +19,7 @@ from torch import nn
 
 from moeinf.errors import ContextTooLong
 from moeinf.models.attention import GQAAttention, MLAAttention, causal_mask
-from moeinf.models.layers import MLP, RMSNorm
+from moeinf.models.layers import MLP, Linear, RMSNorm
 from moeinf.models.moe import MoEBlock
 from moeinf.models.rope import RotaryTable
 from moeinf.models.spec import ModelSpec
@@ -59,7 +59,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, provider) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.max_seq_len = 0
         # Long prefills run in chunks: attention scores are [H, chunk, S], not [H, T, S].
         self.prefill_chunk = PREFILL_CHUNK
