@@ -114,10 +114,16 @@ def check(root: Path) -> int:
                 dec.reset()
                 steps = torch.cat([dec(prompt[i : i + 1].to(cuda), i) for i in range(len(prompt))])
                 result["prefill_vs_steps"] = (steps - logits).abs().max().item()
+                dec.reset()
+                dec.prefill_chunk = 5  # chunked prefill, and MLA with the latent cache expanded
+                for layer in dec.layers:
+                    layer.attn.absorb_max_tokens = 0
+                result["chunked_expanded_vs_ref"] = (dec(prompt, 0).cpu() - want).abs().max().item()
                 ok = (
                     result["fp32_max_diff"] < 1e-4
                     and got == want_tokens
                     and result["prefill_vs_steps"] < 1e-5
+                    and result["chunked_expanded_vs_ref"] < 1e-4
                 )
                 failures += not ok
                 result["ok"] = ok
