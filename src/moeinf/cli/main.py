@@ -15,6 +15,7 @@ from moeinf.cli.list import list_models
 from moeinf.cli.pull import pull
 from moeinf.cli.rm import rm
 from moeinf.cli.run import run
+from moeinf.cli.serve import serve
 from moeinf.cli.show import show
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command("ls", hidden=True)(list_models)
 app.command("show")(show)
 app.command("rm")(rm)
 app.command("run")(run)
+app.command("serve")(serve)
 
 
 def _version(value: bool) -> None:
