@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from moeinf.pull import pull
 from moeinf.runtime.tokenizer import Tokenizer
+from tests.fixtures.checkpoints import build_checkpoint
 
 MAIN = "from moeinf.cli.main import main; main()"
 
@@ -56,6 +58,15 @@ class Terminal:
         out = self.seen[self.pos : found + len(needle)].decode(errors="replace")
         self.pos = found + len(needle)
         return out
+
+    def wait_for_bytes(self, n: int, timeout: float = 60) -> None:
+        """Wait until at least `n` more bytes arrived after the last match."""
+        deadline = time.monotonic() + timeout
+        while len(self.seen) - self.pos < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError(f"timed out waiting for output; got {self.seen[self.pos :]!r}")
+            self.seen += os.read(self.fd, 4096)
 
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
@@ -117,6 +128,27 @@ def test_repl_in_a_terminal(model):
                 os.waitpid(term.pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_ctrl_c_stops_the_answer_in_a_terminal(tmp_path):
+    # A context of 4096 positions and --ignore-eos: the answer runs for seconds unless interrupted.
+    ckpt = build_checkpoint("olmoe", tmp_path / "long-olmoe", max_position_embeddings=4096)
+    name = pull(str(ckpt)).name
+    term = Terminal("run", name, "--ignore-eos", "--device", "cpu", "--verbose")
+    term.expect(">>> ")
+    term.send("Tell me everything\n")
+    term.expect("Tell me everything")
+    term.wait_for_bytes(40)  # the answer is streaming
+    term.send("\x03")
+    stats = term.expect(">>> ", timeout=20)
+    generated = int(re.search(r"eval count:\s+(\d+) token", stats).group(1))
+    assert 0 < generated < 4000  # stopped long before the context was full
+    term.send("/show info\n")  # still alive and answering commands
+    term.expect("context length")
+    term.expect(">>> ")
+    term.send("\x04")
+    assert term.wait() == 0
 
 
 def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
