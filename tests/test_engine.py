@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeinf.errors import BadOption, ModelNotFound
-from moeinf.runtime.engine import Engine, eos_token_ids, pick_device, pick_dtype
+from moeinf.runtime.engine import Engine, default_threads, eos_token_ids, pick_device, pick_dtype
 from moeinf.runtime.generate import GenerationParams, complete, generate
 from moeinf.runtime.resident import ResidentProvider
 from moeinf.runtime.tokenizer import Tokenizer
@@ -25,6 +25,12 @@ def test_device_and_dtype_choices():
     if not torch.cuda.is_available():
         with pytest.raises(BadOption, match="no CUDA"):
             pick_device("cuda")
+
+
+def test_default_threads_is_one_per_physical_core():
+    import os
+
+    assert 1 <= default_threads() <= len(os.sched_getaffinity(0))
 
 
 def test_eos_ids_follow_transformers_precedence(tmp_path):

@@ -87,11 +87,20 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def default_threads() -> int:
-    """The CPUs this process may run on (cgroup/affinity aware where the OS tells us)."""
+    """One thread per physical core this process may run on: decode is memory-bound, and a second
+    hyper-thread per core only adds contention (llama.cpp's default too)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:  # no topology (some containers): count logical CPUs
+            return max(1, len(cpus))
+    return max(1, len(cores))
 
 
 def eos_token_ids(
