@@ -46,6 +46,7 @@ def model_info(session: ChatSession) -> str:
     rows += [
         ("context length", engine.context_length),
         ("device", f"{engine.device} ({str(engine.dtype).removeprefix('torch.')})"),
+        ("threads", engine.threads),
         ("chat template", "no (raw prompts)" if not engine.tokenizer.has_chat_template else "yes"),
     ]
     sampling = session.params.sampling
@@ -59,7 +60,7 @@ def model_info(session: ChatSession) -> str:
         ("num_predict", session.params.max_tokens),
         ("stop", " ".join(session.params.stop) or None),
     ]
-    lines = ["  Model"] + [f"    {k:<20}{v}" for k, v in rows]
+    lines = ["  Model"] + [f"    {k:<20}{v}" for k, v in rows if v is not None]
     lines += ["", "  Parameters"] + [f"    {k:<20}{v}" for k, v in params if v is not None]
     if session.system:
         lines += ["", "  System", f"    {session.system}"]
