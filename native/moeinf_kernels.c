@@ -332,13 +332,16 @@ static void run_job(job_t *j, int nth) {
     pthread_mutex_unlock(&pool.submit);
 }
 
-/* Rows per chunk: about 8 chunks per thread, in multiples of 4 so row blocks stay whole. */
-static int64_t chunk_rows(int64_t rows, int nth) {
+/* Rows per chunk: about 8 chunks per thread, in multiples of 4 so row blocks stay whole, and at
+ * least MK_MIN_CHUNK weights (k per row) so that waking a thread (microseconds) pays off: a small
+ * product runs on the caller alone. */
+#define MK_MIN_CHUNK 32768
+static int64_t chunk_rows(int64_t rows, int64_t k, int nth) {
     if (nth < 1) nth = 1;
     if (nth > MK_MAX_THREADS) nth = MK_MAX_THREADS;
-    int64_t r = (rows + 8 * nth - 1) / (8 * nth);
-    r = (r + 3) / 4 * 4;
-    return r < 16 ? 16 : r;
+    int64_t r = (rows + 8 * nth - 1) / (8 * nth), least = (MK_MIN_CHUNK + k - 1) / (k > 0 ? k : 1);
+    if (r < least) r = least;
+    return (r + 3) / 4 * 4;
 }
 
 static void chunk_range(int64_t c, int64_t per, int64_t rows, int64_t *r0, int64_t *r1) {
@@ -371,7 +374,7 @@ int mk_linear(const float *x, int64_t T, int64_t K, const void *w, int dtype, in
     if (!rows) return MK_EDTYPE;
     if (T < 0 || K < 0 || N < 0) return MK_ESHAPE;
     if (T == 0 || N == 0) return MK_OK;
-    int64_t per = chunk_rows(N, nthreads);
+    int64_t per = chunk_rows(N, K, nthreads);
     linear_args a = {rows, x, T, K, N, per, w, y, {bias, NULL, 0}};
     job_t j = {linear_chunk, (N + per - 1) / per, 0, 0, &a};
     run_job(&j, nthreads);
@@ -421,7 +424,7 @@ int mk_expert_forward(const float *x, int64_t T, int64_t D, int64_t I, const voi
     size_t need = (size_t)(2 * T * I);
     float *h = need <= sizeof stack / sizeof *stack ? stack : malloc(need * sizeof(float));
     if (!h) return MK_ENOMEM;
-    int64_t per_i = chunk_rows(I, nthreads), per_d = chunk_rows(D, nthreads);
+    int64_t per_i = chunk_rows(I, 2 * D, nthreads), per_d = chunk_rows(D, I, nthreads);
     expert_args a = {rows, x, T, D, I, per_i, per_d, gate, up, down, h, h + T * I, out, {NULL, scale, accumulate}};
     job_t up_job = {expert_up_chunk, (I + per_i - 1) / per_i, 0, 0, &a};
     job_t down_job = {expert_down_chunk, (D + per_d - 1) / per_d, 0, 0, &a};

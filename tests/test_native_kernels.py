@@ -159,6 +159,28 @@ def test_rejects_what_it_cannot_compute():
     assert not kernels.accepts(x, w, w.half())
 
 
+def test_try_variants_compute_or_decline():
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(2, 17, generator=g), torch.randn(5, 17, generator=g), torch.randn(5, generator=g)
+    assert torch.equal(kernels.try_linear(x, w, b), kernels.linear(x, w, b))
+    gate, up, down = torch.randn(9, 17, generator=g), torch.randn(9, 17, generator=g), torch.randn(17, 9)
+    assert torch.equal(
+        kernels.try_expert_forward(x, gate, up, down), kernels.expert_forward(x, gate, up, down)
+    )
+    many = torch.randn(kernels.MAX_TOKENS + 1, 17, generator=g)
+    declined = [
+        kernels.try_linear(many, w),  # prefill: torch
+        kernels.try_linear(x.double(), w.double()),
+        kernels.try_linear(x, torch.randn(17, 5).T),
+        kernels.try_linear(x, torch.randn(5, 16)),
+        kernels.try_expert_forward(many, gate, up, down),
+        kernels.try_expert_forward(x, gate, up.half(), down),
+        kernels.try_expert_forward(x, gate, up, down.T.contiguous().T),
+        kernels.try_expert_forward(x, gate, up, torch.randn(9, 17)),
+    ]
+    assert all(y is None for y in declined)
+
+
 def test_describe_names_the_path_and_turning_off(monkeypatch):
     assert "native" in kernels.describe()
     monkeypatch.setenv("MOEINF_NATIVE", "0")
@@ -167,6 +189,7 @@ def test_describe_names_the_path_and_turning_off(monkeypatch):
         assert not kernels.available()
         assert "torch" in kernels.describe() and "MOEINF_NATIVE=0" in kernels.describe()
         assert not kernels.accepts(torch.randn(1, 4), torch.randn(3, 4))
+        assert kernels.try_linear(torch.randn(1, 4), torch.randn(3, 4)) is None
     finally:
         monkeypatch.delenv("MOEINF_NATIVE")
         build.reset()

@@ -4,6 +4,26 @@ library; ops.py is the torch-facing API. When the library is unavailable, `avail
 and callers use torch.
 """
 
-from moeinf.kernels.ops import MAX_TOKENS, accepts, available, describe, expert_forward, linear, set_simd
+from moeinf.kernels.ops import (
+    MAX_TOKENS,
+    accepts,
+    available,
+    describe,
+    expert_forward,
+    linear,
+    set_simd,
+    try_expert_forward,
+    try_linear,
+)
 
-__all__ = ["MAX_TOKENS", "accepts", "available", "describe", "expert_forward", "linear", "set_simd"]
+__all__ = [
+    "MAX_TOKENS",
+    "accepts",
+    "available",
+    "describe",
+    "expert_forward",
+    "linear",
+    "set_simd",
+    "try_expert_forward",
+    "try_linear",
+]

@@ -40,7 +40,7 @@ def set_simd(enabled: bool) -> bool:
 
 def accepts(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """True when the native kernels can compute with these tensors and should (small T on CPU)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 1:
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() < 1:
         return False
     if x.numel() > MAX_TOKENS * x.shape[-1] or not available():
         return False
@@ -48,6 +48,85 @@ def accepts(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(w.device.type == "cpu" and w.dtype == dtype and w.is_contiguous() for w in weights) and (
         dtype in _DTYPES
     )
+
+
+def try_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """x W^T + bias on the native kernels when they apply (`accepts`), else None: use torch.
+
+    The decode-path entry: one pass of cheap checks, no exceptions (a Python-level call costs ~10 us,
+    comparable to a small product).
+    """
+    code = _DTYPES.get(weight.dtype)
+    if code is None or x.dtype != torch.float32 or not x.is_cpu or not weight.is_cpu:
+        return None
+    if weight.dim() != 2 or not weight.is_contiguous() or x.dim() < 1:
+        return None
+    n, k = weight.shape
+    if k == 0 or x.shape[-1] != k or x.numel() > MAX_TOKENS * k:
+        return None
+    native = load()
+    if native is None:
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    rc = native.lib.mk_linear(
+        x.data_ptr(),
+        x.numel() // k,
+        k,
+        weight.data_ptr(),
+        code,
+        n,
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _raise_for(rc)
+    return y
+
+
+def try_expert_forward(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor | None:
+    """One SwiGLU expert on the native kernels when they apply (`accepts`), else None: use torch."""
+    code = _DTYPES.get(gate.dtype)
+    if code is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() < 1:
+        return None
+    if not (gate.dtype == up.dtype == down.dtype) or not gate.is_cpu:
+        return None
+    if not (gate.is_contiguous() and up.is_contiguous() and down.is_contiguous()) or gate.dim() != 2:
+        return None
+    i, d = gate.shape
+    if d == 0 or x.shape[-1] != d or x.numel() > MAX_TOKENS * d or up.shape != gate.shape:
+        return None
+    if down.shape != (d, i) or not up.is_cpu or not down.is_cpu:
+        return None
+    native = load()
+    if native is None:
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.float32)
+    rc = native.lib.mk_expert_forward(
+        x.data_ptr(),
+        x.numel() // d,
+        d,
+        i,
+        gate.data_ptr(),
+        up.data_ptr(),
+        down.data_ptr(),
+        code,
+        None,
+        0,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _raise_for(rc)
+    return y
 
 
 def linear(
@@ -149,7 +228,7 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
 
 
 def _activations(x: torch.Tensor, k: int) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if not x.is_cpu or x.dtype != torch.float32:
         raise ValueError(f"activations must be fp32 on the CPU, got {x.dtype} {x.device}")
     if x.shape[-1] != k:
         raise ValueError(f"activations have {x.shape[-1]} features, weights {k}")

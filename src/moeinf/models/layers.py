@@ -30,9 +30,8 @@ class Linear(nn.Linear):
     """nn.Linear whose decode-sized CPU products (T <= kernels.MAX_TOKENS) run on the native kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.accepts(x, self.weight):
-            return kernels.linear(x, self.weight, self.bias)
-        return super().forward(x)
+        y = kernels.try_linear(x, self.weight, self.bias)
+        return super().forward(x) if y is None else y
 
 
 class MLP(nn.Module):
@@ -54,8 +53,9 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     Decode-sized CPU calls run the fused native kernel, which also takes half-precision weights with
     fp32 activations (cache slots kept in the stored dtype); otherwise torch, upcasting such weights.
     """
-    if kernels.accepts(x, gate, up, down):
-        return kernels.expert_forward(x, gate, up, down)
+    y = kernels.try_expert_forward(x, gate, up, down)
+    if y is not None:
+        return y
     if gate.dtype != x.dtype:
         gate, up, down = gate.to(x.dtype), up.to(x.dtype), down.to(x.dtype)
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
