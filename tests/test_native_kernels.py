@@ -37,6 +37,24 @@ def simd(request):
     kernels.set_simd(True)
 
 
+# (SIMD path, threads): thread splitting is independent of the path, so the slow scalar path runs once
+PATHS = [
+    pytest.param((True, 1), id="avx2-1"),
+    pytest.param((True, 2), id="avx2-2"),
+    pytest.param((False, 2), id="scalar-2"),
+]
+
+
+@pytest.fixture
+def path(request):
+    want, threads = request.param
+    on = kernels.set_simd(want)
+    if want and not on:
+        pytest.skip("CPU lacks AVX2+FMA+F16C")
+    yield threads
+    kernels.set_simd(True)
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor, size: torch.Tensor) -> float:
     """Largest per-token ||y - ref|| / ||size||, size being the magnitude of the summed products."""
     y, ref, size = (a.double().reshape(-1, ref.shape[-1]) for a in (y, ref, size))
@@ -64,8 +82,9 @@ def ref_swiglu(x, gate, up, down):
     return h @ down.T, h_size @ down.abs().T
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_linear_matches_fp64(simd, threads):
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_linear_matches_fp64(path):
+    threads = path
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for case, (n, k, dtype) in enumerate(itertools.product(SIZES, SIZES, DTYPES)):
@@ -78,8 +97,9 @@ def test_linear_matches_fp64(simd, threads):
     assert worst < TOL
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_expert_forward_matches_fp64(simd, threads):
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_expert_forward_matches_fp64(path):
+    threads = path
     g = torch.Generator().manual_seed(1)
     worst = 0.0
     for case, (d, i, dtype) in enumerate(itertools.product(SIZES, SIZES, DTYPES)):
