@@ -6,9 +6,10 @@ The cache calls the hooks below; the same objects run unchanged in the trace sim
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from moeinf.runtime.expert_key import ExpertKey
 
@@ -35,20 +36,37 @@ class Policy(Protocol):
     def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
         """Keys to fetch ahead, called after `layer` routed to `expert_ids`. Most urgent first."""
 
+    def should_bypass(self, key: ExpertKey) -> bool:
+        """Called for a demand miss before it takes a slot: True = compute it from a scratch slot and
+        drop it (a fetch, but no eviction, no on_insert/on_evict), because it is unlikely to be used
+        again before what it would evict."""
 
-class LruPolicy:
-    """Evict the resident expert used least recently."""
 
-    name = "lru"
+class PolicyBase:
+    """No-op defaults for the optional hooks, so simple policies implement only what they use."""
 
-    def __init__(self) -> None:
-        self._order: OrderedDict[ExpertKey, None] = OrderedDict()  # oldest first
+    name = "base"
 
     def on_request_start(self) -> None:
         pass
 
     def on_request_end(self) -> None:
         pass
+
+    def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
+        return []
+
+    def should_bypass(self, key: ExpertKey) -> bool:
+        return False
+
+
+class LruPolicy(PolicyBase):
+    """Evict the resident expert used least recently."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()  # oldest first
 
     def on_access(self, key: ExpertKey, hit: bool) -> None:
         if key in self._order:
@@ -62,13 +80,13 @@ class LruPolicy:
         self._order.pop(key, None)
 
     def choose_victim(self, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
-        return next((key for key in self._order if can_evict(key)), None)
+        for key in self._order:
+            if can_evict(key):
+                return key
+        return None
 
-    def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
-        return []
 
-
-class LfuPolicy:
+class LfuPolicy(PolicyBase):
     """Evict the resident expert used least often over the whole run (ties: least recently).
 
     Counts survive eviction, as in MoE-Infinity's activation-count caching: an expert that was hot
@@ -82,42 +100,79 @@ class LfuPolicy:
         self._last: dict[ExpertKey, int] = {}
         self._resident: set[ExpertKey] = set()
         self._tick = 0
-
-    def on_request_start(self) -> None:
-        pass
-
-    def on_request_end(self) -> None:
-        pass
+        # Min-heap of (count, last, key) with lazy invalidation: an entry is live while it matches
+        # the key's current (count, last) and the key is resident. Keeps choose_victim O(log n).
+        self._heap: list[tuple[int, int, ExpertKey]] = []
 
     def on_access(self, key: ExpertKey, hit: bool) -> None:
         self._tick += 1
-        self._count[key] = self._count.get(key, 0) + 1
+        count = self._count[key] = self._count.get(key, 0) + 1
         self._last[key] = self._tick
+        if key in self._resident:
+            self._push(count, self._tick, key)
 
     def on_insert(self, key: ExpertKey) -> None:
         self._resident.add(key)
-        self._last.setdefault(key, self._tick)
+        last = self._last.setdefault(key, self._tick)
+        self._push(self._count.get(key, 0), last, key)
 
     def on_evict(self, key: ExpertKey) -> None:
         self._resident.discard(key)
 
+    def _push(self, count: int, last: int, key: ExpertKey) -> None:
+        heap = self._heap
+        heapq.heappush(heap, (count, last, key))
+        if len(heap) > 4 * len(self._resident) + 64:  # drop stale entries now and then
+            heap[:] = [(self._count.get(k, 0), self._last.get(k, 0), k) for k in self._resident]
+            heapq.heapify(heap)
+
     def choose_victim(self, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
-        candidates = [key for key in self._resident if can_evict(key)]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0), k))
+        heap, count, last, resident = self._heap, self._count, self._last, self._resident
+        held: list[tuple[int, int, ExpertKey]] = []
+        victim = None
+        while heap:
+            entry = heap[0]
+            c, t, key = entry
+            if key not in resident or count.get(key, 0) != c or last.get(key, 0) != t:
+                heapq.heappop(heap)  # stale
+                continue
+            if can_evict(key):
+                victim = key
+                break
+            held.append(heapq.heappop(heap))
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return victim
 
-    def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
-        return []
+
+def _trace_policy(**options: Any) -> Policy:
+    from moeinf.runtime.trace_policy import TracePolicy  # imported late: it imports this module
+
+    return TracePolicy(**options)
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {"lru": LruPolicy, "lfu": LfuPolicy}
+def _oracle_policy(**options: Any) -> Policy:
+    from moeinf.errors import BadOption
+
+    raise BadOption("the oracle policy needs the future: it exists only in `moeinf trace simulate`")
 
 
-def make_policy(name: str) -> Policy:
+# name -> factory; factories of policies that learn (trace) take keyword options such as `library`.
+POLICIES: dict[str, Callable[..., Policy]] = {
+    "lru": LruPolicy,
+    "lfu": LfuPolicy,
+    "trace": _trace_policy,
+    "oracle": _oracle_policy,
+}
+LEARNING_POLICIES = frozenset({"trace"})
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    """The policy `name`. Options (e.g. `library=TraceLibrary`) go to learning policies only."""
     from moeinf.errors import BadOption
 
     try:
-        return POLICIES[name]()
+        factory = POLICIES[name]
     except KeyError:
         raise BadOption(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}") from None
+    return factory(**options) if name in LEARNING_POLICIES else factory()

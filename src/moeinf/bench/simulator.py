@@ -1,0 +1,310 @@
+"""The policy simulator: replays a routing trace through a cache policy and counts what moves.
+
+It drives the very policy objects the runtime uses, with the hook order of `runtime.expert_cache`:
+for each layer of each token, `on_access` for every routed expert; each miss then either bypasses
+(`should_bypass`: fetched into a scratch slot, never resident) or takes a free slot or the victim
+`choose_victim` names among resident experts the running layer does not use (those are pinned in
+the real cache); then `plan_prefetch(layer, ids)` and each planned key not resident takes a slot the
+same way. The pool is shared by all layers (`capacity x layers x experts` slots) or split per layer.
+The cache persists across requests. Residency does not depend on timing (as in a replay whose
+transfers land before the next decision); a time model is laid over it: one transfer channel, demand
+before queued prefetches, a layer computes once its experts have landed. numpy, no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from moeinf.errors import BadOption
+from moeinf.runtime.expert_key import ExpertKey
+from moeinf.runtime.policy import Policy, make_policy
+from moeinf.runtime.trace import Trace
+
+
+@dataclass
+class SimResult:
+    policy: str
+    capacity: float  # fraction of all routed experts
+    slots: int
+    per_layer: bool
+    tokens: int
+    requests: int
+    accesses: int  # routed (layer, expert) uses
+    demand_misses: int  # uses whose expert was neither resident nor in flight (bypasses included)
+    prefetches_issued: int
+    prefetches_used: int
+    prefetches_wasted: int  # evicted, or still unused at the end, without being used
+    bypasses: int
+    time_ms: float  # modelled
+    compute_ms_per_layer: float
+    transfer_ms_per_expert: float
+    wall_s: float
+    cpu_s: float  # process CPU time: the speed measure on a shared machine
+    bound_ms_per_token: float | None = None  # max(layers x compute, oracle fetches x transfer)
+
+    @property
+    def fetches(self) -> int:
+        return self.demand_misses + self.prefetches_issued
+
+    def per_token(self, value: float) -> float:
+        return value / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(
+            fetches=self.fetches,
+            fetches_per_token=self.per_token(self.fetches),
+            demand_misses_per_token=self.per_token(self.demand_misses),
+            prefetches_per_token=self.per_token(self.prefetches_issued),
+            wasted_prefetches_per_token=self.per_token(self.prefetches_wasted),
+            bypasses_per_token=self.per_token(self.bypasses),
+            hit_rate=1 - self.demand_misses / self.accesses if self.accesses else 0.0,
+            time_ms_per_token=self.per_token(self.time_ms),
+            tokens_per_s=self.tokens / self.cpu_s if self.cpu_s > 0 else 0.0,
+        )
+        return out
+
+
+def slots_for(capacity: float, num_layers: int, num_experts: int, top_k: int, per_layer: bool) -> int:
+    """Slot count for a capacity fraction: of all experts (shared pool) or of each layer's (per layer)."""
+    if not 0 < capacity <= 1:
+        raise BadOption(f"capacity must be in (0, 100%] (got {capacity:g})")
+    per = (
+        max(1, round(capacity * num_experts))
+        if per_layer
+        else max(1, round(capacity * num_layers * num_experts))
+    )
+    if per < top_k + (0 if per_layer else 0):
+        raise BadOption(
+            f"capacity {capacity:.1%} gives {per} slots{' per layer' if per_layer else ''}, "
+            f"fewer than top_k={top_k} (a layer's experts must all be resident)"
+        )
+    return per * num_layers if per_layer else per
+
+
+def make_sim_policy(name: str, trace: Trace, **options) -> Policy:
+    """A policy for replaying `trace`: the runtime's, or the oracle (which is given the trace's future)."""
+    if name == "oracle":
+        from moeinf.runtime.oracle import OraclePolicy
+
+        return OraclePolicy(trace.experts, trace.num_experts)
+    return make_policy(name, **options)
+
+
+def simulate(
+    trace: Trace,
+    policy: Policy,
+    *,
+    capacity: float,
+    per_layer: bool = False,
+    compute_ms_per_layer: float = 0.5,
+    transfer_ms_per_expert: float = 14.0,
+    on_fetch: Callable[[ExpertKey, bool], None] | None = None,
+) -> SimResult:
+    """Replay `trace` through `policy`; see the module docstring. `on_fetch(key, prefetch)` sees every
+    fetch in order (for replay-equivalence tests)."""
+    L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    slots = slots_for(capacity, L, E, K, per_layer)
+    keys = [[ExpertKey(layer, e) for e in range(E)] for layer in range(L)]
+    # Residency: one free count for the shared pool, or one per layer.
+    free = [slots // L] * L if per_layer else [slots]
+    resident: set[ExpertKey] = set()
+    prefetched: set[ExpertKey] = set()  # prefetched and not used yet
+    running: set[ExpertKey] = set()
+    C, X = float(compute_ms_per_layer), float(transfer_ms_per_expert)
+    now = 0.0  # compute clock
+    busy = 0.0  # the transfer channel is committed until then
+    queue: deque[tuple[ExpertKey, float]] = deque()  # prefetches not started: (key, issued at)
+    queued: set[ExpertKey] = set()
+    ready_at: dict[ExpertKey, float] = {}  # started transfers: when they land
+    accesses = misses = issued = used = wasted = bypasses = 0
+    on_access, choose_victim, on_insert, on_evict = (
+        policy.on_access,
+        policy.choose_victim,
+        policy.on_insert,
+        policy.on_evict,
+    )
+    plan_prefetch, should_bypass = policy.plan_prefetch, policy.should_bypass
+
+    if per_layer:
+
+        def evictable_in(layer: int) -> Callable[[ExpertKey], bool]:
+            return lambda k: k[0] == layer and k not in running
+
+        can_evict_of = [evictable_in(layer) for layer in range(L)]
+    else:
+        shared_can_evict = lambda k: k not in running  # noqa: E731
+        can_evict_of = [shared_can_evict] * L
+
+    def evict(victim: ExpertKey) -> None:
+        nonlocal wasted
+        if victim not in resident or victim in running:
+            raise RuntimeError(f"policy {policy.name} chose victim {victim} that is not evictable")
+        resident.discard(victim)
+        on_evict(victim)
+        if victim in prefetched:
+            prefetched.discard(victim)
+            wasted += 1
+            if victim in queued:  # cancelled before its transfer started
+                queued.discard(victim)
+                for i, (k, _) in enumerate(queue):
+                    if k == victim:
+                        del queue[i]
+                        break
+            ready_at.pop(victim, None)
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    experts = trace.experts
+    offsets = trace.seq_offsets.tolist()
+    layers = range(L)
+    for r in range(trace.num_requests):
+        policy.on_request_start()
+        block = experts[offsets[r] : offsets[r + 1]]
+        complete = bool((block >= 0).all())  # the common case: no -1 to skip
+        for row in block.tolist():
+            for layer in layers:
+                ids = row[layer]
+                if not complete:
+                    ids = [e for e in ids if e >= 0]
+                    if not ids:
+                        continue
+                layer_keys = keys[layer]
+                run = [layer_keys[e] for e in ids]
+                running.clear()
+                running.update(run)
+                ready = now
+                if queue:
+                    # Channel: queued prefetches that started before this layer's routing keep going.
+                    while queue and busy < now:
+                        k, at = queue.popleft()
+                        queued.discard(k)
+                        busy = (busy if busy > at else at) + X
+                        ready_at[k] = busy
+                missed = None
+                for k in run:
+                    if k in resident:
+                        on_access(k, True)
+                        if prefetched and k in prefetched:
+                            prefetched.discard(k)
+                            used += 1
+                            if k in queued:  # promoted to demand
+                                queued.discard(k)
+                                queue.remove(next(q for q in queue if q[0] == k))
+                                busy = (busy if busy > now else now) + X
+                                ready_at[k] = busy
+                        if ready_at:
+                            t = ready_at.get(k)
+                            if t is not None and t > ready:
+                                ready = t
+                    else:
+                        on_access(k, False)
+                        if missed is None:
+                            missed = [k]
+                        else:
+                            missed.append(k)
+                accesses += len(run)
+                if missed is not None:
+                    pool = layer if per_layer else 0
+                    for k in missed:
+                        misses += 1
+                        busy = (busy if busy > now else now) + X
+                        if busy > ready:
+                            ready = busy
+                        if on_fetch is not None:
+                            on_fetch(k, False)
+                        if should_bypass(k):
+                            bypasses += 1
+                            continue
+                        if free[pool]:
+                            free[pool] -= 1
+                        else:
+                            victim = choose_victim(can_evict_of[layer])
+                            if victim is None:
+                                raise RuntimeError(f"policy {policy.name} found no victim for a demand miss")
+                            evict(victim)
+                        resident.add(k)
+                        on_insert(k)
+                plan = plan_prefetch(layer, ids)
+                if plan:
+                    for k in plan:
+                        if k in resident or k in running:
+                            continue
+                        p = k[0] if per_layer else 0
+                        if free[p]:
+                            free[p] -= 1
+                        else:
+                            victim = choose_victim(can_evict_of[k[0]])
+                            if victim is None:
+                                break
+                            evict(victim)
+                        resident.add(k)
+                        on_insert(k)
+                        prefetched.add(k)
+                        queued.add(k)
+                        queue.append((k, now))
+                        issued += 1
+                        if on_fetch is not None:
+                            on_fetch(k, True)
+                now = ready + C
+        policy.on_request_end()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    wasted += len(prefetched)
+    return SimResult(
+        policy=policy.name,
+        capacity=capacity,
+        slots=slots,
+        per_layer=per_layer,
+        tokens=trace.num_tokens,
+        requests=trace.num_requests,
+        accesses=accesses,
+        demand_misses=misses,
+        prefetches_issued=issued,
+        prefetches_used=used,
+        prefetches_wasted=wasted,
+        bypasses=bypasses,
+        time_ms=now,
+        compute_ms_per_layer=C,
+        transfer_ms_per_expert=X,
+        wall_s=wall,
+        cpu_s=cpu,
+    )
+
+
+def simulate_grid(
+    trace: Trace,
+    policies: Sequence[str],
+    capacities: Sequence[float],
+    *,
+    per_layer: bool = False,
+    compute_ms_per_layer: float = 0.5,
+    transfer_ms_per_expert: float = 14.0,
+    policy_options: Callable[[str], dict] | None = None,
+) -> list[SimResult]:
+    """Every policy at every capacity, each from a fresh policy object, with the bound filled in from
+    the oracle's fetches (the oracle is run for the bound even when not asked for)."""
+    results: list[SimResult] = []
+    for capacity in capacities:
+        row: dict[str, SimResult] = {}
+        names = list(dict.fromkeys([*policies, "oracle"]))
+        for name in names:
+            options = policy_options(name) if policy_options is not None and name != "oracle" else {}
+            policy = make_sim_policy(name, trace, **options)
+            row[name] = simulate(
+                trace,
+                policy,
+                capacity=capacity,
+                per_layer=per_layer,
+                compute_ms_per_layer=compute_ms_per_layer,
+                transfer_ms_per_expert=transfer_ms_per_expert,
+            )
+        oracle = row["oracle"]
+        bound = max(
+            trace.num_layers * compute_ms_per_layer, oracle.per_token(oracle.fetches) * transfer_ms_per_expert
+        )
+        for name in policies:
+            row[name].bound_ms_per_token = bound
+            results.append(row[name])
+    return results

@@ -1,0 +1,282 @@
+"""The per-model trace library: a bounded set of expert activation matrices (EAMs), persisted.
+
+Each entry is an EAM `[L, E]` (tokens routed to each expert) of one finished request, or of several
+similar requests merged, with the number of tokens and requests it stands for. The library lives in
+`<model dir>/traces/library.npz`, is loaded at start and rewritten atomically after each change.
+
+Bounds: at most `max_entries` entries and `max_bytes` of EAM data. Rule that keeps it representative
+when full (deterministic, tested): compare requests by the cosine similarity of their per-layer
+normalised rows (each layer's row scaled to sum 1, layers concatenated: every layer weighs the same,
+long and short requests compare by mix, not size).
+  1. A new EAM at least `merge_similarity` close to a stored entry is merged into it (counts added):
+     a near-duplicate adds weight, not an entry.
+  2. Otherwise it is appended; while the library is over a bound, the most similar pair of entries
+     (the most redundant information) is merged into one.
+So distinct kinds of requests keep their own entries, frequent kinds gain weight, and a burst of
+similar requests cannot push rare ones out. numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moeinf.errors import InvalidTrace
+from moeinf.runtime.trace import Trace
+
+FILE_NAME = "library.npz"
+FORMAT_VERSION = 1
+
+
+def normalised_rows(eams: np.ndarray) -> np.ndarray:
+    """[N, L, E] counts -> [N, L*E] unit vectors of per-layer normalised rows (zero rows stay zero)."""
+    x = eams.astype(np.float64)
+    rows = x / np.maximum(x.sum(axis=-1, keepdims=True), 1e-12)  # each layer sums to 1
+    flat = rows.reshape(len(x), -1)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+
+class TraceLibrary:
+    """See the module docstring. `directory=None` keeps it in memory only (simulator, tests)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        directory: str | Path | None = None,
+        max_entries: int = 256,
+        max_bytes: int = 16 << 20,
+        merge_similarity: float = 0.98,
+        match_top: int = 4,
+    ) -> None:
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.directory = Path(directory) if directory is not None else None
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.merge_similarity = merge_similarity
+        self.match_top = match_top
+        self.eams = np.zeros((0, num_layers, num_experts), dtype=np.float32)  # [N, L, E] counts
+        self.tokens = np.zeros(0, dtype=np.int64)  # [N] tokens each entry stands for
+        self.requests = np.zeros(0, dtype=np.int64)  # [N] requests merged into each entry
+        self.updated = np.zeros(0, dtype=np.float64)  # [N] unix time of the last change
+        self._unit: np.ndarray | None = None  # cached normalised_rows(self.eams)
+
+    # --- bounds ------------------------------------------------------------------------------------
+
+    @property
+    def entry_bytes(self) -> int:
+        return self.num_layers * self.num_experts * 4
+
+    @property
+    def capacity(self) -> int:
+        """Entries allowed by both bounds (at least one)."""
+        return max(1, min(self.max_entries, self.max_bytes // self.entry_bytes))
+
+    def __len__(self) -> int:
+        return len(self.eams)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.eams.nbytes)
+
+    # --- persistence -------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path | None:
+        return self.directory / FILE_NAME if self.directory is not None else None
+
+    @classmethod
+    def open(
+        cls, directory: str | Path, num_layers: int, num_experts: int, top_k: int, **options
+    ) -> TraceLibrary:
+        """The library in `directory`, loaded if it exists (a library of another shape is an error)."""
+        lib = cls(num_layers, num_experts, top_k, directory=directory, **options)
+        if lib.path is not None and lib.path.exists():
+            lib._load(lib.path)
+        return lib
+
+    @classmethod
+    def load_file(cls, path: str | Path, **options) -> TraceLibrary:
+        """An in-memory library from a saved library file (as written by `save` / `export`)."""
+        meta = _read_meta(Path(path))
+        lib = cls(int(meta["num_layers"]), int(meta["num_experts"]), int(meta["top_k"]), **options)
+        lib._load(Path(path))
+        return lib
+
+    @classmethod
+    def from_trace(cls, trace: Trace, **options) -> TraceLibrary:
+        """An in-memory library holding the requests of `trace` (added in order, bounds applied)."""
+        lib = cls(trace.num_layers, trace.num_experts, trace.top_k, **options)
+        for i in range(trace.num_requests):
+            lib.add(trace.eam(i), save=False)
+        return lib
+
+    def _load(self, path: Path) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                eams = data["eams"].astype(np.float32)
+                tokens = data["tokens"].astype(np.int64)
+                requests = data["requests"].astype(np.int64)
+                updated = data["updated"].astype(np.float64)
+        except (OSError, KeyError, ValueError) as e:
+            raise InvalidTrace(f"{path}: cannot read trace library ({e})") from None
+        shape = (meta.get("num_layers"), meta.get("num_experts"), meta.get("top_k"))
+        if shape != (self.num_layers, self.num_experts, self.top_k) or eams.shape[1:] != shape[:2]:
+            raise InvalidTrace(
+                f"{path}: trace library is for {shape[0]} layers x {shape[1]} experts, top-{shape[2]}; "
+                f"the model has {self.num_layers} x {self.num_experts}, top-{self.top_k} "
+                "(`moeinf trace clear` to start over)"
+            )
+        if not (len(eams) == len(tokens) == len(requests) == len(updated)):
+            raise InvalidTrace(f"{path}: trace library arrays disagree in length")
+        self.eams, self.tokens, self.requests, self.updated = eams, tokens, requests, updated
+        self._unit = None
+        self._enforce_bounds()
+
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """Write the library (atomically) to `path`, default its directory's file; None if in memory."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": "moeinf-trace-library",
+            "version": FORMAT_VERSION,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+        }
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                eams=self.eams,
+                tokens=self.tokens,
+                requests=self.requests,
+                updated=self.updated,
+                meta=np.array(json.dumps(meta)),
+            )
+        tmp.replace(target)
+        return target
+
+    def clear(self) -> None:
+        self.eams = self.eams[:0]
+        self.tokens, self.requests, self.updated = self.tokens[:0], self.requests[:0], self.updated[:0]
+        self._unit = None
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+    # --- adding ------------------------------------------------------------------------------------
+
+    def add(self, eam: np.ndarray, *, tokens: int | None = None, save: bool = True) -> int:
+        """Add one request's EAM [L, E]; returns the index of the entry that now holds it."""
+        eam = np.asarray(eam, dtype=np.float32)
+        if eam.shape != (self.num_layers, self.num_experts):
+            raise InvalidTrace(
+                f"EAM shape {list(eam.shape)} does not match the library's "
+                f"[{self.num_layers}, {self.num_experts}]"
+            )
+        if eam.sum() <= 0:
+            return -1
+        if tokens is None:
+            tokens = int(round(float(eam.sum(axis=1).max()) / self.top_k))
+        now = time.time()
+        index = -1
+        if len(self):
+            sims = self._units() @ normalised_rows(eam[None])[0]  # [N]
+            best = int(np.argmax(sims))
+            if sims[best] >= self.merge_similarity:
+                index = best
+                self.eams[best] += eam
+                self.tokens[best] += tokens
+                self.requests[best] += 1
+                self.updated[best] = now
+                self._unit = None
+        if index < 0:
+            self.eams = np.concatenate([self.eams, eam[None]])
+            self.tokens = np.append(self.tokens, tokens)
+            self.requests = np.append(self.requests, 1)
+            self.updated = np.append(self.updated, now)
+            self._unit = None
+            index = len(self) - 1
+            index = self._enforce_bounds(index)
+        if save:
+            self.save()
+        return index
+
+    def _units(self) -> np.ndarray:
+        if self._unit is None:
+            self._unit = normalised_rows(self.eams)
+        return self._unit
+
+    def _enforce_bounds(self, track: int = -1) -> int:
+        """Merge the most similar pair until within bounds; returns where entry `track` ended up."""
+        while len(self) > self.capacity:
+            u = self._units()
+            sims = u @ u.T
+            np.fill_diagonal(sims, -np.inf)
+            i, j = np.unravel_index(int(np.argmax(sims)), sims.shape)
+            keep, drop = (int(i), int(j)) if i < j else (int(j), int(i))
+            self.eams[keep] += self.eams[drop]
+            self.tokens[keep] += self.tokens[drop]
+            self.requests[keep] += self.requests[drop]
+            self.updated[keep] = max(self.updated[keep], self.updated[drop])
+            mask = np.arange(len(self)) != drop
+            self.eams, self.tokens = self.eams[mask], self.tokens[mask]
+            self.requests, self.updated = self.requests[mask], self.updated[mask]
+            self._unit = None
+            if track == drop:
+                track = keep
+            elif track > drop:
+                track -= 1
+        return track
+
+    # --- prediction --------------------------------------------------------------------------------
+
+    def similarities(self, eam: np.ndarray) -> np.ndarray:
+        """Cosine similarity [N] of a (partial) EAM's per-layer normalised rows with every entry."""
+        if not len(self):
+            return np.zeros(0)
+        return self._units() @ normalised_rows(np.asarray(eam, dtype=np.float32)[None])[0]
+
+    def predict(self, eam: np.ndarray | None = None) -> np.ndarray:
+        """Expected uses per token [L, E] of each expert: the `match_top` entries most similar to `eam`
+        (weighted by similarity), or all entries by their tokens when `eam` is None or empty."""
+        L, E = self.num_layers, self.num_experts
+        if not len(self):
+            return np.full((L, E), self.top_k / E)
+        rates = self.eams / np.maximum(self.tokens, 1)[:, None, None]  # [N, L, E]
+        if eam is None or np.asarray(eam).sum() <= 0:
+            return (self.eams.sum(axis=0) / max(int(self.tokens.sum()), 1)).astype(np.float64)
+        sims = self.similarities(eam)
+        top = np.argsort(-sims, kind="stable")[: self.match_top]
+        w = np.maximum(sims[top], 1e-6)
+        return np.tensordot(w / w.sum(), rates[top], axes=1).astype(np.float64)
+
+    def summary(self) -> list[dict]:
+        """One dict per entry (for `moeinf trace list/show`)."""
+        return [
+            {
+                "index": i,
+                "requests": int(self.requests[i]),
+                "tokens": int(self.tokens[i]),
+                "updated": float(self.updated[i]),
+            }
+            for i in range(len(self))
+        ]
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "eams" not in data.files:
+                raise InvalidTrace(f"{path}: not a trace library file")
+            return json.loads(str(data["meta"]))
+    except (OSError, ValueError) as e:
+        raise InvalidTrace(f"{path}: cannot read trace library ({e})") from None

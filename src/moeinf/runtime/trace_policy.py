@@ -1,0 +1,325 @@
+"""The `trace` policy: evict by expected time to next use, learned from this request and the library.
+
+Every token sweeps the layers in order, so in a pool shared by all layers the expert needed soonest
+is one of the layer about to run, and LRU evicts exactly those. This policy estimates, for each
+resident expert (l, e), the time of its next use in layer steps (token * L + layer):
+
+    ET = next visit of layer l + L * (1 - p) / q
+
+where p is the probability that the next visit of layer l uses e and q its long-run rate per token.
+p comes from recency: the measured reuse hazard falls with the tokens r since the last use (0.46 at
+r=1, 0.25 at r=2, ~0.46 r^-0.69 on the shared gpt-oss trace); q blends this request's counts with a
+prior rate from the trace library (the stored EAMs closest to the request's partial EAM by cosine
+similarity of per-layer normalised rows, re-matched as the request grows). The victim is the resident
+expert with the largest ET (never one of the running layer: `can_evict`). A demand miss whose own ET
+after this use is larger than the victim's bypasses the cache (a scratch slot, no eviction). The
+prefetch plan names experts of the next layer whose next-visit probability is high and whose ET is
+below the current victim's, a few at most, so prefetches never push out more useful experts and
+leave the transfer channel to demand fetches.
+
+Speed: an expert's ET changes only when it is used or when its layer runs without it; it is
+recomputed at each use and then at the visits of its layer r = 1, 2, 3, 4, 6, 8, 12, ... tokens
+after its last use (the hazard flattens, so later changes are small), and kept in a max-heap with
+lazy deletion. O(log n) per event; pure Python, no torch; the simulator runs this very object.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from moeinf.runtime.expert_key import ExpertKey
+from moeinf.runtime.policy import PolicyBase
+from moeinf.runtime.trace_library import TraceLibrary
+
+# Reuse hazard P(use at the next visit | r tokens since the last use) ~ A * r^-B (measured, see above).
+HAZARD_A = 0.46
+HAZARD_B = 0.69
+_HAZARD = [1.0] + [HAZARD_A * r**-HAZARD_B for r in range(1, 4097)]
+MAX_R = 4096
+
+
+def _check_points() -> list[int]:
+    """For each r, the next recency (tokens since the last use) at which the ET is recomputed."""
+    points, r = [1, 2, 3], 4
+    while r <= MAX_R:
+        points += [r, r * 3 // 2]
+        r *= 2
+    nxt, j = [], 0
+    for r in range(MAX_R + 1):
+        while j < len(points) and points[j] <= r:
+            j += 1
+        nxt.append(points[j] if j < len(points) else 0)
+    return nxt
+
+
+_NEXT_CHECK = _check_points()
+
+
+class TracePolicy(PolicyBase):
+    """See the module docstring. `library` (optional) supplies priors and receives finished requests."""
+
+    name = "trace"
+
+    def __init__(
+        self,
+        library: TraceLibrary | None = None,
+        *,
+        num_layers: int | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        bypass: bool = True,
+        bypass_margin: float = 1.0,
+        prefetch: int = 2,
+        prefetch_threshold: float = 0.6,
+        prior_weight: float = 8.0,
+        rematch_every: int = 16,
+        learn: bool = True,
+    ) -> None:
+        self.library = library
+        if library is not None:
+            num_layers = num_layers or library.num_layers
+            num_experts = num_experts or library.num_experts
+            top_k = top_k or library.top_k
+        self.L = num_layers or 0  # 0 until known: inferred from the first token's layers
+        self.E = num_experts or 0
+        self.K = top_k or 0
+        self.bypass = bypass
+        self.bypass_margin = bypass_margin  # in tokens: bypass only when clearly later than the victim
+        self.prefetch = prefetch
+        self.prefetch_threshold = prefetch_threshold
+        self.kappa = prior_weight  # tokens' worth of weight given to the prior rate
+        self.rematch_every = rematch_every
+        self.learn = learn
+        self._resident: set[ExpertKey] = set()
+        self._stored: dict[ExpertKey, float] = {}  # key -> ET of its live heap entry
+        self._heap: list[tuple[float, ExpertKey]] = []  # (-ET, key): lower bounds of ET
+        self._last: dict[ExpertKey, int] = {}  # global token index of the last use (survives requests)
+        self._count: dict[ExpertKey, int] = {}  # uses in this request
+        self._prior: list[list[float]] = []  # [L][E] prior rate per token, from the library
+        self._default_rate = 0.0
+        self._t = 0  # global token index of the running token
+        self._c = -1  # layer of the running / last layer call
+        self._max_layer = -1
+        self._n = 0  # tokens of this request so far (including the running one)
+        self._in_layer = False  # between the first on_access of a layer call and its plan_prefetch
+        self._running: list[ExpertKey] = []
+        self._due = False  # the running layer's missed checks are not processed yet
+        self._checks: dict[tuple[int, int], list[ExpertKey]] = {}  # (layer, token) -> ETs to recompute
+        self._inserted: dict[ExpertKey, int] = {}  # token of insertion, for experts never used
+        self._layer_keys: dict[int, list[ExpertKey]] = {}  # layer -> experts of its previous visit
+
+    # --- request boundaries ------------------------------------------------------------------------
+
+    def on_request_start(self) -> None:
+        self._count.clear()
+        self._n = 0
+        self._set_prior(None)
+
+    def on_request_end(self) -> None:
+        if self.learn and self.library is not None and self._count:
+            self.library.add(self.request_eam())
+
+    def request_eam(self) -> np.ndarray:
+        """This request's expert activation matrix [L, E] so far."""
+        L, E = max(self.L, self._max_layer + 1), self.E or 1 + max((k[1] for k in self._count), default=0)
+        out = np.zeros((L, E), dtype=np.int64)
+        for (layer, expert), n in self._count.items():
+            out[layer, expert] = n
+        return out
+
+    def _set_prior(self, eam: np.ndarray | None) -> None:
+        """Prior rates from the library (matched to `eam` if given), else uniform K / E."""
+        self._default_rate = (self.K / self.E) if self.K and self.E else 0.125
+        self._prior = []
+        if self.library is not None and len(self.library):
+            self._prior = self.library.predict(eam).tolist()  # [L][E] rate per token
+        self._rebuild()
+
+    # --- the hooks ---------------------------------------------------------------------------------
+
+    def on_access(self, key: ExpertKey, hit: bool) -> None:
+        layer = key[0]
+        if not self._in_layer:
+            self._start_layer(layer)
+        self._running.append(key)
+        t = self._t
+        seen = self._last.get(key)
+        self._last[key] = t
+        self._count[key] = self._count.get(key, 0) + 1
+        # A use right after a use changes the ET by about one sweep; skipping the push keeps such
+        # streak experts a little more protected, and saves most of the work per access.
+        if seen != t - 1 and key in self._resident:
+            self._push(key)
+
+    def _start_layer(self, layer: int) -> None:
+        self._in_layer = True
+        if self._c >= 0:
+            self._layer_keys[self._c] = list(self._running)
+        if layer <= self._c:  # the sweep restarted: a new token
+            self._new_token()
+        elif self._n == 0:
+            self._n = 1
+        self._c = layer
+        if layer > self._max_layer:
+            self._max_layer = layer
+        self._running.clear()
+        self._due = True
+
+    def _new_token(self) -> None:
+        self._t += 1
+        self._n += 1
+        if not self.L:
+            self.L = self._max_layer + 1
+            self._rebuild()
+        if self.library is not None and self.rematch_every and self._n % self.rematch_every == 0:
+            self._set_prior(self.request_eam())
+
+    def _refresh_layer(self) -> None:
+        """The running layer did not use some experts it was expected to: recompute their ETs."""
+        self._due = False
+        due = self._checks.pop((self._c, self._t), None)
+        prev = self._layer_keys.get(self._c)
+        if prev:
+            due = prev if due is None else due + prev
+        if not due:
+            return
+        t, last, resident = self._t, self._last, self._resident
+        for key in due:
+            seen = last.get(key, -1)
+            if seen >= t or key not in resident:
+                continue  # used now (its own check is scheduled) or gone
+            self._push(key)
+            r = t - seen if seen >= 0 else t - self._inserted.get(key, t)
+            nxt = _NEXT_CHECK[r] if r <= MAX_R else 0
+            if nxt:
+                self._schedule(key, t + nxt - r)
+
+    def _schedule(self, key: ExpertKey, token: int) -> None:
+        slot = (key[0], token)
+        due = self._checks.get(slot)
+        if due is None:
+            self._checks[slot] = [key]
+        else:
+            due.append(key)
+
+    def _push(self, key: ExpertKey) -> None:
+        et = self._et(key)
+        self._stored[key] = et
+        heapq.heappush(self._heap, (-et, key))
+
+    def on_insert(self, key: ExpertKey) -> None:
+        self._resident.add(key)
+        self._push(key)
+        if key not in self._last:  # a prefetch of an expert never used: check it at its next visits
+            self._inserted[key] = self._t
+            self._schedule(key, self._t + 1)
+
+    def on_evict(self, key: ExpertKey) -> None:
+        self._resident.discard(key)
+        self._stored.pop(key, None)
+        self._inserted.pop(key, None)
+
+    def choose_victim(self, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        if self._due:
+            self._refresh_layer()
+        top = self._top(can_evict)
+        return top[1] if top is not None else None
+
+    def should_bypass(self, key: ExpertKey) -> bool:
+        if not self.bypass or not self.L:
+            return False
+        if self._due:
+            self._refresh_layer()
+        top = self._top(self._not_running)
+        if top is None:
+            return False
+        # After this use the key's next visit is the next token: compare its ET then with the victim's.
+        return self._et(key) > top[0] + self.bypass_margin * self.L
+
+    def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
+        if self._due:
+            self._refresh_layer()
+        self._in_layer = False
+        if not self.prefetch or not self.L or not self.E:
+            return []
+        nxt = layer + 1
+        if nxt >= self.L:
+            return []
+        top = self._top(self._not_running)
+        if top is None:
+            return []
+        limit = top[0]
+        candidates = []
+        for expert in range(self.E):
+            key = ExpertKey(nxt, expert)
+            if key in self._resident:
+                continue
+            p = self._p_next(key)
+            if p >= self.prefetch_threshold:
+                et = self._et(key)
+                if et < limit:
+                    candidates.append((et, key))
+        candidates.sort()
+        return [key for _, key in candidates[: self.prefetch]]
+
+    # --- expected time of next use -----------------------------------------------------------------
+
+    def _not_running(self, key: ExpertKey) -> bool:
+        return key not in self._running
+
+    def _p_next(self, key: ExpertKey) -> float:
+        """Probability that the next visit of the key's layer uses it (as in `_et`)."""
+        layer = key[0]
+        tv = self._t if layer > self._c else self._t + 1
+        seen = self._last.get(key)
+        p = _HAZARD[min(tv - seen, MAX_R)] if seen is not None else 0.0
+        prior = self._prior
+        rate = prior[layer][key[1]] if layer < len(prior) else self._default_rate
+        q = (self._count.get(key, 0) + self.kappa * rate) / (self._n + self.kappa)
+        return q if q > p else p
+
+    def _et(self, key: ExpertKey) -> float:
+        """Expected layer step of the next use of `key`, seen from the running layer."""
+        layer = key[0]
+        L = self.L or (self._max_layer + 1)
+        tv = self._t if layer > self._c else self._t + 1  # token of layer's next visit
+        seen = self._last.get(key)
+        p = _HAZARD[min(tv - seen, MAX_R)] if seen is not None else 0.0
+        prior = self._prior
+        rate = prior[layer][key[1]] if layer < len(prior) else self._default_rate
+        q = (self._count.get(key, 0) + self.kappa * rate) / (self._n + self.kappa)
+        if q > p:
+            p = q
+        if q < 1e-3:
+            q = 1e-3
+        return tv * L + layer + L * (1.0 - p) / q
+
+    def _top(self, can_evict: Callable[[ExpertKey], bool]) -> tuple[float, ExpertKey] | None:
+        """(ET, key) of the evictable resident with the largest ET (as last computed)."""
+        heap, stored, resident = self._heap, self._stored, self._resident
+        held = []
+        found = None
+        while heap:
+            neg, key = heap[0]
+            if key not in resident or stored.get(key) != -neg:
+                heapq.heappop(heap)  # superseded
+                continue
+            if can_evict(key):
+                found = (-neg, key)
+                break
+            held.append(heapq.heappop(heap))
+        for entry in held:
+            heapq.heappush(heap, entry)
+        if len(heap) > 4 * len(resident) + 64:
+            self._heap = [(-et, key) for key, et in stored.items()]
+            heapq.heapify(self._heap)
+        return found
+
+    def _rebuild(self) -> None:
+        """Fresh heap from the residents (after the prior or the position scale changed)."""
+        self._stored = {key: self._et(key) for key in self._resident}
+        self._heap = [(-et, key) for key, et in self._stored.items()]
+        heapq.heapify(self._heap)
