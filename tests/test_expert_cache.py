@@ -234,3 +234,45 @@ def test_bulk_prefill_does_not_flush_the_working_set(store):
     assert len(fresh.resident()) == 4 and fresh.stats.layer(2).bypassed == EXPERTS - 4
     cache.close()
     fresh.close()
+
+
+def test_naive_reads_every_routed_expert_and_keeps_none(store):
+    layout, path_of = store
+    cache = ExpertCache(
+        path_of,
+        layout,
+        slots=0,
+        policy=make_policy("naive"),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        scratch_slots=2,
+    )
+    for layer in range(LAYERS):
+        collect(cache, layer, [0, 1, 2], path_of)
+        collect(cache, layer, [0, 1], path_of)
+    total = cache.stats.total()
+    assert total.misses == total.requests == LAYERS * 5
+    assert total.bytes_read == total.requests * layout.data_bytes
+    assert cache.resident() == set()
+    cache.close()
+
+
+def test_request_hooks_reach_the_policy(store):
+    layout, path_of = store
+    calls = []
+
+    class Spy(type(make_policy("lru"))):
+        def on_request_start(self):
+            calls.append("start")
+
+        def on_request_end(self):
+            calls.append("end")
+
+    cache = ExpertCache(
+        path_of, layout, slots=4, policy=Spy(), device=torch.device("cpu"), dtype=torch.float32
+    )
+    cache.start_request()
+    collect(cache, 0, [1], path_of)
+    cache.end_request()
+    assert calls == ["start", "end"]
+    cache.close()

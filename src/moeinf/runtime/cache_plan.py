@@ -108,6 +108,19 @@ def plan_cache(
     if gpu_mem is not None:
         reasons.append("--gpu-mem ignored: no CUDA device in use")
     cpu_slot = slot_bytes_for(layout, dtype)
+    if policy == "naive":
+        reasons.append("naive: no expert cache; every routed expert is read on demand and dropped")
+        return CachePlan(
+            device,
+            dtype,
+            layout,
+            policy,
+            0,
+            cpu_slot,
+            top_k=spec.top_k,
+            scratch_slots=spec.top_k,
+            reasons=reasons,
+        )
     slots = tier(ram_mem, available_ram(), dense_bytes, cpu_slot, "RAM")
     return CachePlan(device, dtype, layout, policy, slots, cpu_slot, top_k=spec.top_k, reasons=reasons)
 

@@ -232,6 +232,14 @@ class ExpertCache:
                     cancelled += 1
             return cancelled
 
+    def start_request(self) -> None:
+        with self._cv:
+            self.policy.on_request_start()
+
+    def end_request(self) -> None:
+        with self._cv:
+            self.policy.on_request_end()
+
     def close(self) -> None:
         self._queue.close()
 
@@ -245,12 +253,14 @@ class ExpertCache:
         """Give deferred demand misses slots as they become available and queue their reads."""
         tier = self.tier
         while deferred:
-            if bulk and not tier.free:
-                slot = tier.scratch_free.pop() if tier.scratch_free else None
-                if slot is not None:
-                    self.stats.layer(deferred[0].layer).bypassed += 1
-            else:
+            key = deferred[0]
+            slot = tier.free.pop() if tier.free else None
+            # Evict only for a decode-sized request the policy wants to keep; else use a scratch slot.
+            if slot is None and not bulk and not self.policy.should_bypass(key):
                 slot = tier.take()
+            if slot is None and tier.scratch_free:
+                slot = tier.scratch_free.pop()
+                self.stats.layer(key.layer).bypassed += 1
             if slot is None:
                 if not self._cancel_one_prefetch():
                     return

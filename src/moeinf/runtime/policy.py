@@ -158,7 +158,30 @@ def _oracle_policy(**options: Any) -> Policy:
 
 
 # name -> factory; factories of policies that learn (trace) take keyword options such as `library`.
+class NaivePolicy(PolicyBase):
+    """No cache at all (the baseline of accelerate-style offloading): every routed expert is read on
+    demand into a scratch slot and dropped after use. Use with a cache of zero regular slots."""
+
+    name = "naive"
+
+    def on_access(self, key: ExpertKey, hit: bool) -> None:
+        pass
+
+    def on_insert(self, key: ExpertKey) -> None:
+        pass
+
+    def on_evict(self, key: ExpertKey) -> None:
+        pass
+
+    def choose_victim(self, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        return None
+
+    def should_bypass(self, key: ExpertKey) -> bool:
+        return True
+
+
 POLICIES: dict[str, Callable[..., Policy]] = {
+    "naive": NaivePolicy,
     "lru": LruPolicy,
     "lfu": LfuPolicy,
     "trace": _trace_policy,
