@@ -1,8 +1,9 @@
-"""The generic decoder against transformers on tiny random fp32 checkpoints: GQA families.
+"""The generic decoder against transformers on tiny random fp32 checkpoints: Mixtral, Qwen2-MoE.
 
 For each case: logits of every prompt position agree to 1e-4, greedy decoding of 32 tokens equals
 transformers' `generate(do_sample=False)` token for token, and a prefill of n tokens gives the same
-logits as n one-token steps (tests/support_decoder.py). DeepSeek (MLA) cases: *_mla.py.
+logits as n one-token steps (tests/support_decoder.py). Mixtral and Qwen2-MoE here; Qwen3-MoE and
+OLMoE in *_qwen3_olmoe.py, DeepSeek (MLA) in *_deepseek_v2.py / *_deepseek_v3.py.
 """
 
 from __future__ import annotations
@@ -28,24 +29,6 @@ CASES = {
     "qwen2_moe-sliding": (
         "qwen2_moe",
         {"num_hidden_layers": 3, "use_sliding_window": True, "sliding_window": 6, "max_window_layers": 2},
-    ),
-    "qwen3_moe": ("qwen3_moe", {}),
-    "qwen3_moe-nonorm-top3-step2-bias-sliding": (
-        "qwen3_moe",
-        {
-            "norm_topk_prob": False,
-            "num_experts_per_tok": 3,
-            "num_hidden_layers": 3,
-            "decoder_sparse_step": 2,
-            "attention_bias": True,
-            "use_sliding_window": True,
-            "sliding_window": 9,
-        },
-    ),
-    "olmoe": ("olmoe", {}),
-    "olmoe-clip-top3-E12-norm": (
-        "olmoe",
-        {"clip_qkv": 0.3, "num_experts_per_tok": 3, "num_experts": 12, "norm_topk_prob": True},
     ),
 }
 
