@@ -1,0 +1,70 @@
+"""A bf16 checkpoint decoded with fp32 activations straight from raw bf16 cache slots (the native kernels
+widen the weights in registers) equals transformers running the same bf16 weights upcast to fp32.
+
+Prefill (more tokens than kernels.MAX_TOKENS) takes the torch path, which upcasts the slot's weights;
+each decode step takes the native path when the library is built (asserted then).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeinf import kernels
+from moeinf.models.transformer import load_decoder
+from moeinf.pull import pull
+from moeinf.runtime.expert_cache import ExpertCache
+from moeinf.runtime.expert_store import ExpertLayout
+from moeinf.runtime.policy import make_policy
+from tests.fixtures.checkpoints import build_checkpoint
+
+PROMPT, NEW = 12, 12
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bf16_slots_with_fp32_activations_match_transformers_upcast(family, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    path = build_checkpoint(family, tmp_path / family, seed=0, dtype="bfloat16")
+    stored = pull(str(path), name=family)
+    spec = stored.manifest.spec
+    assert spec.dtype == "bfloat16"
+    cache = ExpertCache(
+        stored.expert_path,
+        ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype),
+        slots=max(spec.top_k, spec.num_experts * len(spec.moe_layers) // 2),  # a 50% budget
+        policy=make_policy("lru"),
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,  # raw slots: the file image, no fp32 copy
+    )
+    calls = {"native": 0}
+    real = kernels.try_expert_forward
+
+    def counting(x, gate, up, down):
+        y = real(x, gate, up, down)
+        calls["native"] += y is not None
+        return y
+
+    monkeypatch.setattr(kernels, "try_expert_forward", counting)
+    try:
+        decoder = load_decoder(stored, cache, device="cpu", dtype=torch.float32, max_seq_len=64)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # bf16 -> fp32
+        prompt = torch.arange(3, 3 + PROMPT)
+        with torch.no_grad():
+            want = model.generate(
+                prompt[None], max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW, pad_token_id=0
+            )[0]
+            want_logits = model(want[None]).logits[0]  # [PROMPT + NEW, V]
+        got_logits = [decoder(prompt, 0)[-1]]
+        tokens = prompt.tolist()
+        for i in range(NEW):
+            tokens.append(int(got_logits[-1].argmax()))
+            if i < NEW - 1:
+                got_logits.append(decoder(torch.tensor(tokens[-1:]), len(tokens) - 1)[-1])
+    finally:
+        cache.close()
+    assert tokens == want.tolist()
+    diff = (torch.stack(got_logits) - want_logits[PROMPT - 1 : PROMPT - 1 + NEW]).abs().max().item()
+    assert diff < 1e-4
+    if kernels.available():
+        assert calls["native"] > 0
