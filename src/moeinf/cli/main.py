@@ -17,6 +17,7 @@ from moeinf.cli.rm import rm
 from moeinf.cli.run import run
 from moeinf.cli.serve import serve
 from moeinf.cli.show import show
+from moeinf.cli.trace import trace_app
 
 app = typer.Typer(
     name="moeinf",
@@ -33,6 +34,7 @@ app.command("show")(show)
 app.command("rm")(rm)
 app.command("run")(run)
 app.command("serve")(serve)
+app.add_typer(trace_app, name="trace")
 
 
 def _version(value: bool) -> None:

@@ -280,3 +280,17 @@ def _read_meta(path: Path) -> dict:
             return json.loads(str(data["meta"]))
     except (OSError, ValueError) as e:
         raise InvalidTrace(f"{path}: cannot read trace library ({e})") from None
+
+
+def library_dir(model_path: str | Path) -> Path:
+    """Where a stored model's trace library lives: `<model dir>/traces/`."""
+    return Path(model_path) / "traces"
+
+
+def open_model_library(stored_model, **options) -> TraceLibrary:
+    """The trace library of a `store.StoredModel` (created empty if absent). Layers are the model's
+    layer indices, as in `ExpertKey`."""
+    spec = stored_model.spec
+    return TraceLibrary.open(
+        library_dir(stored_model.path), spec.num_layers, spec.num_experts, spec.top_k, **options
+    )

@@ -74,7 +74,8 @@ class TracePolicy(PolicyBase):
         bypass_margin: float = 1.0,
         prefetch: int = 2,
         prefetch_threshold: float = 0.6,
-        prior_weight: float = 8.0,
+        prior_weight: float = 2.0,
+        decay: float = 0.9,
         rematch_every: int = 16,
         learn: bool = True,
     ) -> None:
@@ -91,6 +92,9 @@ class TracePolicy(PolicyBase):
         self.prefetch = prefetch
         self.prefetch_threshold = prefetch_threshold
         self.kappa = prior_weight  # tokens' worth of weight given to the prior rate
+        self.decay = decay  # per token, of the recent-use rate
+        self._pow = [decay**i for i in range(MAX_R + 1)]
+        self._span = [(1 - decay**n) / (1 - decay) for n in range(MAX_R + 1)]  # sum of decay^i, i < n
         self.rematch_every = rematch_every
         self.learn = learn
         self._resident: set[ExpertKey] = set()
@@ -98,11 +102,13 @@ class TracePolicy(PolicyBase):
         self._heap: list[tuple[float, ExpertKey]] = []  # (-ET, key): lower bounds of ET
         self._last: dict[ExpertKey, int] = {}  # global token index of the last use (survives requests)
         self._count: dict[ExpertKey, int] = {}  # uses in this request
+        self._ew: dict[ExpertKey, float] = {}  # decayed use count as of the last use
         self._prior: list[list[float]] = []  # [L][E] prior rate per token, from the library
         self._default_rate = 0.0
         self._t = 0  # global token index of the running token
         self._c = -1  # layer of the running / last layer call
         self._max_layer = -1
+        self._max_expert = -1
         self._n = 0  # tokens of this request so far (including the running one)
         self._in_layer = False  # between the first on_access of a layer call and its plan_prefetch
         self._running: list[ExpertKey] = []
@@ -145,10 +151,15 @@ class TracePolicy(PolicyBase):
         if not self._in_layer:
             self._start_layer(layer)
         self._running.append(key)
+        if key[1] > self._max_expert:
+            self._max_expert = key[1]
         t = self._t
         seen = self._last.get(key)
         self._last[key] = t
         self._count[key] = self._count.get(key, 0) + 1
+        self._ew[key] = (
+            self._ew.get(key, 0.0) * self._pow[min(t - seen, MAX_R)] + 1.0 if seen is not None else 1.0
+        )
         # A use right after a use changes the ET by about one sweep; skipping the push keeps such
         # streak experts a little more protected, and saves most of the work per access.
         if seen != t - 1 and key in self._resident:
@@ -243,7 +254,7 @@ class TracePolicy(PolicyBase):
         if self._due:
             self._refresh_layer()
         self._in_layer = False
-        if not self.prefetch or not self.L or not self.E:
+        if not self.prefetch or not self.L:
             return []
         nxt = layer + 1
         if nxt >= self.L:
@@ -253,8 +264,8 @@ class TracePolicy(PolicyBase):
             return []
         limit = top[0]
         candidates = []
-        for expert in range(self.E):
-            key = ExpertKey(nxt, expert)
+        # Candidates: what the next layer used at its previous visit (reuse is the strongest signal).
+        for key in self._layer_keys.get(nxt, ()):
             if key in self._resident:
                 continue
             p = self._p_next(key)
@@ -275,10 +286,14 @@ class TracePolicy(PolicyBase):
         layer = key[0]
         tv = self._t if layer > self._c else self._t + 1
         seen = self._last.get(key)
-        p = _HAZARD[min(tv - seen, MAX_R)] if seen is not None else 0.0
         prior = self._prior
         rate = prior[layer][key[1]] if layer < len(prior) else self._default_rate
-        q = (self._count.get(key, 0) + self.kappa * rate) / (self._n + self.kappa)
+        if seen is None:
+            p, recent = 0.0, 0.0
+        else:
+            r = min(tv - seen, MAX_R)
+            p, recent = _HAZARD[r], self._ew[key] * self._pow[r]
+        q = (recent + self.kappa * rate) / (self._span[min(self._n, MAX_R)] + self.kappa)
         return q if q > p else p
 
     def _et(self, key: ExpertKey) -> float:
@@ -287,10 +302,14 @@ class TracePolicy(PolicyBase):
         L = self.L or (self._max_layer + 1)
         tv = self._t if layer > self._c else self._t + 1  # token of layer's next visit
         seen = self._last.get(key)
-        p = _HAZARD[min(tv - seen, MAX_R)] if seen is not None else 0.0
         prior = self._prior
         rate = prior[layer][key[1]] if layer < len(prior) else self._default_rate
-        q = (self._count.get(key, 0) + self.kappa * rate) / (self._n + self.kappa)
+        if seen is None:
+            p, recent = 0.0, 0.0
+        else:
+            r = min(tv - seen, MAX_R)
+            p, recent = _HAZARD[r], self._ew[key] * self._pow[r]
+        q = (recent + self.kappa * rate) / (self._span[min(self._n, MAX_R)] + self.kappa)
         if q > p:
             p = q
         if q < 1e-3:

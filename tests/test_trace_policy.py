@@ -1,0 +1,139 @@
+"""The trace policy: never evicts the running layer, values layer distance and reuse, learns a library."""
+
+import numpy as np
+import pytest
+
+from moeinf.bench.simulator import simulate
+from moeinf.runtime.expert_key import ExpertKey as K
+from moeinf.runtime.oracle import OraclePolicy
+from moeinf.runtime.policy import POLICIES, LruPolicy, make_policy
+from moeinf.runtime.trace import make_trace
+from moeinf.runtime.trace_library import TraceLibrary
+from moeinf.runtime.trace_policy import TracePolicy
+
+
+def step(policy, layer, experts, insert=True):
+    """One layer call as the cache makes it: accesses, inserts of misses, the prefetch plan."""
+    for e in experts:
+        policy.on_access(K(layer, e), hit=False)
+    if insert:
+        for e in experts:
+            policy.on_insert(K(layer, e))
+    return policy.plan_prefetch(layer, experts)
+
+
+def test_registered_and_made_by_name():
+    assert "trace" in POLICIES
+    assert make_policy("trace").name == "trace"
+    lib = TraceLibrary(2, 4, 1)
+    assert make_policy("trace", library=lib).library is lib
+
+
+def test_never_evicts_the_running_layer():
+    p = TracePolicy(num_layers=2, num_experts=4, top_k=2, bypass=False, prefetch=0)
+    step(p, 0, [0, 1])
+    step(p, 1, [0, 1])
+    for e in (0, 1):
+        p.on_access(K(0, e), hit=True)  # token 2, layer 0 running with its experts resident
+    running = {K(0, 0), K(0, 1)}
+    victim = p.choose_victim(lambda k: k not in running)
+    assert victim is not None and victim not in running
+    assert p.choose_victim(lambda k: False) is None
+
+
+def test_prefers_the_layer_that_runs_later():
+    # Two experts with the same history: the one whose layer runs next is kept.
+    p = TracePolicy(num_layers=4, num_experts=4, top_k=1, bypass=False, prefetch=0)
+    for layer in range(4):
+        step(p, layer, [0])
+    p.on_access(K(0, 0), hit=True)  # token 2 has run layer 0; layer 1 is next, layer 3 furthest
+    assert p.choose_victim(lambda k: k != K(0, 0)) == K(3, 0)
+
+
+def test_prefers_experts_that_are_reused():
+    p = TracePolicy(num_layers=1, num_experts=8, top_k=2, bypass=False, prefetch=0)
+    step(p, 0, [0, 1])
+    for _ in range(5):  # expert 0 is used every token, expert 1 never again
+        p.on_access(K(0, 0), hit=True)
+        p.on_access(K(0, 2 + _ % 2), hit=False)
+        if _ < 2:
+            p.on_insert(K(0, 2 + _ % 2))
+        p.plan_prefetch(0, [0, 2 + _ % 2])
+    running = {K(0, 0), K(0, 3)}
+    assert p.choose_victim(lambda k: k not in running) == K(0, 1)
+
+
+def test_bypasses_a_one_off_when_residents_are_hot():
+    p = TracePolicy(num_layers=1, num_experts=16, top_k=2, prefetch=0, prior_weight=0.0)
+    for _ in range(20):  # experts 0..3 alternate pairs every token: all hot
+        ids = [0, 1] if _ % 2 == 0 else [2, 3]
+        for e in ids:
+            p.on_access(K(0, e), hit=_ >= 2)
+            if _ < 2:
+                p.on_insert(K(0, e))
+        p.plan_prefetch(0, ids)
+    p.on_access(K(0, 0), hit=True)
+    p.on_access(K(0, 9), hit=False)  # first ever use of expert 9: a one-off
+    assert p.should_bypass(K(0, 9))
+    assert not TracePolicy(bypass=False).should_bypass(K(0, 9))
+
+
+def cyclic_trace(tokens=60, L=4, E=8, K=2, seed=0):
+    """Each layer keeps a small working set that drifts slowly: reuse with a sweep over layers."""
+    rng = np.random.default_rng(seed)
+    sets = [list(rng.choice(E, 3, replace=False)) for _ in range(L)]
+    x = np.zeros((tokens, L, K), dtype=np.int64)
+    for t in range(tokens):
+        for layer in range(L):
+            if rng.random() < 0.1:
+                sets[layer][rng.integers(0, 3)] = int(rng.integers(0, E))
+            ids = list(dict.fromkeys(rng.permutation(sets[layer]).tolist()))
+            while len(ids) < K:
+                ids.append(int(rng.integers(0, E)))
+                ids = list(dict.fromkeys(ids))
+            x[t, layer] = ids[:K]
+    return x
+
+
+def test_does_not_thrash_where_lru_does():
+    # Every token routes each layer to the same two experts: 12 experts in a cycle, 6 slots. LRU
+    # always evicts the expert needed soonest and misses everything; expected time to next use keeps
+    # a stable subset resident, as Belady does.
+    x = np.tile(np.array([[[2 * i % 8, (2 * i + 1) % 8] for i in range(6)]]), (40, 1, 1))  # [40, 6, 2]
+    tr = make_trace([x[:20], x[20:]], num_experts=8)
+    lru = simulate(tr, LruPolicy(), capacity=0.125)
+    oracle = simulate(tr, OraclePolicy(tr.experts, 8), capacity=0.125)
+    trace = simulate(tr, TracePolicy(), capacity=0.125)  # raises if a victim were running
+    assert lru.demand_misses == lru.accesses
+    assert trace.fetches < 0.8 * lru.fetches
+    assert trace.fetches <= 1.5 * oracle.fetches
+
+
+def test_learns_requests_into_the_library():
+    tr = make_trace([cyclic_trace(tokens=10, seed=s) for s in range(3)], num_experts=8)
+    lib = TraceLibrary(4, 8, 2, merge_similarity=1.1)
+    policy = TracePolicy(library=lib)
+    simulate(tr, policy, capacity=0.5)
+    assert len(lib) == 3
+    assert np.array_equal(lib.eams[0], tr.eam(0))
+    frozen = TraceLibrary(4, 8, 2)
+    simulate(tr, TracePolicy(library=frozen, learn=False), capacity=0.5)
+    assert len(frozen) == 0
+
+
+@pytest.mark.parametrize("capacity", [0.25])
+def test_prefetch_plan_names_only_missing_next_layer_experts(capacity):
+    tr = make_trace([cyclic_trace(tokens=30, seed=7)], num_experts=8)
+    plans = []
+
+    class Spy(TracePolicy):
+        def plan_prefetch(self, layer, expert_ids):
+            plan = super().plan_prefetch(layer, expert_ids)
+            plans.append((layer, plan, set(self._resident)))
+            return plan
+
+    simulate(tr, Spy(prefetch=2, prefetch_threshold=0.3), capacity=capacity)
+    assert any(plan for _, plan, _ in plans)
+    for layer, plan, resident in plans:
+        assert len(plan) <= 2
+        assert all(k.layer == layer + 1 and k not in resident for k in plan)
