@@ -78,19 +78,33 @@ class MoEBlock(nn.Module):
         return out
 
     def _experts_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """One token: x [1, D], weights/ids [1, K]."""
+        """One token: x [1, D], weights/ids [1, K].
+
+        Experts arrive in the provider's order (resident first), but are summed in ascending id
+        order, as transformers does: floating-point addition is not associative, and the cache must
+        not change a single bit of the output.
+        """
         slot = {e: k for k, e in enumerate(ids[0].tolist())}
-        out = torch.zeros_like(x)
+        parts: dict[int, torch.Tensor] = {}
         for expert, w in self.provider.experts(self.layer, list(slot)):
-            out += swiglu(x, w.gate_proj, w.up_proj, w.down_proj) * weights[0, slot[expert]]
+            parts[expert] = (
+                swiglu(x, w.gate_proj, w.up_proj, w.down_proj) * weights[0, slot[expert]]
+            )  # [1, D]
+        out = torch.zeros_like(x)
+        for expert in sorted(parts):
+            out += parts[expert]
         return out
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Several tokens: group the tokens by expert, compute each expert once, scatter back."""
-        out = torch.zeros_like(x)
-        wanted = torch.unique(ids).tolist()
-        for expert, w in self.provider.experts(self.layer, wanted):
+        """Several tokens: group the tokens by expert, compute each expert once, scatter back
+        in ascending expert order (see _experts_one)."""
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for expert, w in self.provider.experts(self.layer, torch.unique(ids).tolist()):
             token_idx, k_pos = torch.where(ids == expert)  # [n], [n]
             y = swiglu(x[token_idx], w.gate_proj, w.up_proj, w.down_proj)  # [n, D]
-            out.index_add_(0, token_idx, y * weights[token_idx, k_pos, None])
+            parts[expert] = (token_idx, y * weights[token_idx, k_pos, None])
+        out = torch.zeros_like(x)
+        for expert in sorted(parts):
+            token_idx, y = parts[expert]
+            out.index_add_(0, token_idx, y)
         return out
