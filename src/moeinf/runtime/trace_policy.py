@@ -154,12 +154,16 @@ class TracePolicy(PolicyBase):
         if key[1] > self._max_expert:
             self._max_expert = key[1]
         t = self._t
-        seen = self._last.get(key)
-        self._last[key] = t
-        self._count[key] = self._count.get(key, 0) + 1
-        self._ew[key] = (
-            self._ew.get(key, 0.0) * self._pow[min(t - seen, MAX_R)] + 1.0 if seen is not None else 1.0
-        )
+        last = self._last
+        seen = last.get(key)
+        last[key] = t
+        count = self._count
+        count[key] = count.get(key, 0) + 1
+        if seen is None:
+            self._ew[key] = 1.0
+        else:
+            r = t - seen
+            self._ew[key] = self._ew[key] * self._pow[r if r < MAX_R else MAX_R] + 1.0
         # A use right after a use changes the ET by about one sweep; skipping the push keeps such
         # streak experts a little more protected, and saves most of the work per access.
         if seen != t - 1 and key in self._resident:
@@ -197,12 +201,13 @@ class TracePolicy(PolicyBase):
             due = prev if due is None else due + prev
         if not due:
             return
-        t, last, resident = self._t, self._last, self._resident
+        t, last, resident, stored, heap = self._t, self._last, self._resident, self._stored, self._heap
         for key in due:
             seen = last.get(key, -1)
             if seen >= t or key not in resident:
                 continue  # used now (its own check is scheduled) or gone
-            self._push(key)
+            et = stored[key] = self._et(key)
+            heapq.heappush(heap, (-et, key))
             r = t - seen if seen >= 0 else t - self._inserted.get(key, t)
             nxt = _NEXT_CHECK[r] if r <= MAX_R else 0
             if nxt:
@@ -259,22 +264,18 @@ class TracePolicy(PolicyBase):
         nxt = layer + 1
         if nxt >= self.L:
             return []
-        top = self._top(self._not_running)
-        if top is None:
-            return []
-        limit = top[0]
         candidates = []
         # Candidates: what the next layer used at its previous visit (reuse is the strongest signal).
         for key in self._layer_keys.get(nxt, ()):
-            if key in self._resident:
-                continue
-            p = self._p_next(key)
-            if p >= self.prefetch_threshold:
-                et = self._et(key)
-                if et < limit:
-                    candidates.append((et, key))
+            if key not in self._resident and self._p_next(key) >= self.prefetch_threshold:
+                candidates.append((self._et(key), key))
+        if not candidates:
+            return []
+        top = self._top(self._not_running)
+        if top is None:
+            return []
         candidates.sort()
-        return [key for _, key in candidates[: self.prefetch]]
+        return [key for et, key in candidates[: self.prefetch] if et < top[0]]
 
     # --- expected time of next use -----------------------------------------------------------------
 
@@ -285,31 +286,44 @@ class TracePolicy(PolicyBase):
         """Probability that the next visit of the key's layer uses it (as in `_et`)."""
         layer = key[0]
         tv = self._t if layer > self._c else self._t + 1
+        p, q = self._pq(key, layer, tv)
+        return q if q > p else p
+
+    def _pq(self, key: ExpertKey, layer: int, tv: int) -> tuple[float, float]:
+        """(recency hazard at token tv, decayed rate per token blended with the prior) of `key`."""
         seen = self._last.get(key)
         prior = self._prior
-        rate = prior[layer][key[1]] if layer < len(prior) else self._default_rate
+        rate = prior[layer][key[1]] if prior else self._default_rate
+        n = self._n
+        span = self._span[n if n < MAX_R else MAX_R] + self.kappa
         if seen is None:
-            p, recent = 0.0, 0.0
-        else:
-            r = min(tv - seen, MAX_R)
-            p, recent = _HAZARD[r], self._ew[key] * self._pow[r]
-        q = (recent + self.kappa * rate) / (self._span[min(self._n, MAX_R)] + self.kappa)
-        return q if q > p else p
+            return 0.0, self.kappa * rate / span
+        r = tv - seen
+        if r > MAX_R:
+            r = MAX_R
+        return _HAZARD[r], (self._ew[key] * self._pow[r] + self.kappa * rate) / span
 
     def _et(self, key: ExpertKey) -> float:
         """Expected layer step of the next use of `key`, seen from the running layer."""
         layer = key[0]
         L = self.L or (self._max_layer + 1)
-        tv = self._t if layer > self._c else self._t + 1  # token of layer's next visit
+        t = self._t
+        tv = t if layer > self._c else t + 1  # token of the layer's next visit
+        # _pq inlined: this is the hottest function of the policy
         seen = self._last.get(key)
         prior = self._prior
-        rate = prior[layer][key[1]] if layer < len(prior) else self._default_rate
+        rate = prior[layer][key[1]] if prior else self._default_rate
+        n = self._n
+        span = self._span[n if n < MAX_R else MAX_R] + self.kappa
         if seen is None:
-            p, recent = 0.0, 0.0
+            p = 0.0
+            q = self.kappa * rate / span
         else:
-            r = min(tv - seen, MAX_R)
-            p, recent = _HAZARD[r], self._ew[key] * self._pow[r]
-        q = (recent + self.kappa * rate) / (self._span[min(self._n, MAX_R)] + self.kappa)
+            r = tv - seen
+            if r > MAX_R:
+                r = MAX_R
+            p = _HAZARD[r]
+            q = (self._ew[key] * self._pow[r] + self.kappa * rate) / span
         if q > p:
             p = q
         if q < 1e-3:
