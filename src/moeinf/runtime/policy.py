@@ -2,6 +2,15 @@
 
 The cache calls the hooks below; the same objects run unchanged in the trace simulator. `lru` and
 `lfu` are the baselines; smarter policies (trace-guided, oracle) implement the same protocol.
+
+Call contract (bench.simulator follows it exactly; learning policies rely on it):
+  - `on_request_start()` / `on_request_end()` around each generation request (the `trace` policy
+    adds the request's activation matrix to its library at the end);
+  - per MoE layer call, in layer order: `on_access(key, hit)` for every requested expert first;
+    then, for each miss, `should_bypass(key)` and, unless it bypasses, a slot: a free one or
+    `choose_victim(can_evict)` with `can_evict` false for the running layer's experts (pinned);
+    then always `plan_prefetch(layer, ids)` (the `trace` policy takes it as the end of the layer
+    call), whose keys take slots the same way.
 """
 
 from __future__ import annotations
