@@ -35,6 +35,7 @@ class _Failure:
 
 
 _END = object()
+_NOTHING = object()  # no event within the poll interval
 
 
 class Job:
@@ -46,6 +47,7 @@ class Job:
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._cancel = threading.Event()
         self.ran = False  # the body started (a job cancelled while queued never does)
+        self.stopped = False  # cancelled before it ended (its client went away)
 
     @property
     def cancelled(self) -> bool:
@@ -70,6 +72,8 @@ class Job:
         except Exception as exc:  # reported to the client as an error response, never a traceback
             self.emit(_Failure(exc))
         finally:
+            # Decided before the end is sent: the caller cancels (a no-op) once it has seen the end.
+            self.stopped = self.cancelled
             self.emit(_END)
 
     def start_thread(self, name: str) -> None:
@@ -80,13 +84,19 @@ class Job:
     ) -> AsyncIterator[Any]:
         """The job's events in order; an exception raised by the body is raised here. While waiting,
         `disconnected()` is polled: when it says the client is gone, the job is cancelled (ClientGone)."""
+        checked = time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(self._events.get(), poll_s)
             except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
+                event = _NOTHING
+            # Checked every poll_s, also while events keep coming (a collecting, non-streaming client).
+            if disconnected is not None and time.monotonic() - checked >= poll_s:
+                checked = time.monotonic()
+                if await disconnected():
                     self.cancel()
-                    raise ClientGone() from None
+                    raise ClientGone()
+            if event is _NOTHING:
                 continue
             if event is _END:
                 return
@@ -187,7 +197,7 @@ class Worker:
             elapsed = time.perf_counter() - start
             with self._lock:
                 self.running = None
-                if job.cancelled:
+                if job.stopped:
                     self.cancelled += 1
                 else:
                     self.completed += 1

@@ -157,7 +157,9 @@ async def respond(
 
     async def all_events() -> AsyncIterator[Any]:
         yield first
-        async for event in iterator:
+        # Once streaming, the response notices a disconnect itself (Starlette listens for it and cancels
+        # the body): polling the same receive channel concurrently would race with it.
+        async for event in job.events(None):
             yield event
 
     async def body() -> AsyncIterator[bytes]:
