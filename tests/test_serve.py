@@ -106,9 +106,9 @@ def wait_for(predicate, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def run_cli(home: Path, monkeypatch, *args: str) -> dict:
+def run_cli(home: Path, monkeypatch, *args: str, device: str = "cpu") -> dict:
     monkeypatch.setenv("MOEINF_HOME", str(home))
-    result = CliRunner().invoke(cli_app, ["run", "olmoe", *args, "--format", "json", "--device", "cpu"])
+    result = CliRunner().invoke(cli_app, ["run", "olmoe", *args, "--format", "json", "--device", device])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
