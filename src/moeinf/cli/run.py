@@ -59,6 +59,18 @@ def run(
     num_ctx: Annotated[
         int | None, typer.Option("--num-ctx", help="Context length to allocate (default 4096).")
     ] = None,
+    ram_mem: Annotated[
+        str | None,
+        typer.Option("--ram-mem", help="RAM for experts: bytes (6GiB, 512MiB) or a share of them (25%)."),
+    ] = None,
+    gpu_mem: Annotated[
+        str | None, typer.Option("--gpu-mem", help="GPU memory for experts (CUDA): bytes or a share (25%).")
+    ] = None,
+    policy: Annotated[str, typer.Option(help="Expert cache policy: lru, lfu, trace, naive.")] = "lru",
+    routing_trace: Annotated[
+        str | None,
+        typer.Option("--routing-trace", help="Replay the router's choices from a trace file (.npz)."),
+    ] = None,
 ) -> None:
     """Run a model: chat in a terminal, or answer PROMPT (with piped stdin before it) and exit."""
     with ui.errors(), _quiet_broken_pipe():
@@ -70,8 +82,11 @@ def run(
         if not interactive and not text.strip():
             raise BadOption("no prompt: give PROMPT, pipe text on stdin, or run in a terminal to chat")
 
-        engine = _load(model, device=device, threads=threads, num_ctx=num_ctx)
+        cache = {"ram_mem": ram_mem, "gpu_mem": gpu_mem, "policy": policy}
+        engine = _load(model, device=device, threads=threads, num_ctx=num_ctx, cache=cache, verbose=verbose)
         with contextlib.closing(engine):  # the expert cache's worker threads end with the command
+            if routing_trace:
+                _replay(engine, routing_trace)
             _chat(
                 engine,
                 text if not interactive else None,
@@ -116,12 +131,37 @@ def _quiet_broken_pipe() -> Iterator[None]:
         raise typer.Exit(0) from None
 
 
-def _load(model: str, *, device: str, threads: int | None, num_ctx: int | None):
+def _load(model: str, *, device: str, threads: int | None, num_ctx: int | None, cache: dict, verbose: bool):
+    from moeinf.runtime.cache_plan import cache_factory, describe
     from moeinf.runtime.engine import Engine
+
+    def on_plan(plan, expert_cache) -> None:
+        if verbose:
+            for line in describe(plan, expert_cache):
+                print(f"cache: {line}", file=sys.stderr)
 
     # A model that is not in the store is pulled first, with pull's progress display on stderr.
     with ui.PullDisplay() as display:
-        return Engine.load(model, device=device, threads=threads, context_length=num_ctx, progress=display)
+        return Engine.load(
+            model,
+            device=device,
+            threads=threads,
+            context_length=num_ctx,
+            progress=display,
+            provider=cache_factory(**cache, on_plan=on_plan),
+        )
+
+
+def _replay(engine, path: str) -> None:
+    """--routing-trace: the router's choices come from a recorded trace (same layers x experts x top-k)."""
+    from moeinf.runtime.routing_hooks import RoutingReplay
+    from moeinf.runtime.trace import read_trace
+
+    spec = engine.spec
+    replay = RoutingReplay(
+        read_trace(path), num_moe_layers=len(spec.moe_layers), num_experts=spec.num_experts, top_k=spec.top_k
+    )
+    engine.decoder.set_routing_hook(replay)
 
 
 def _session(engine, *, raw: bool, system: str | None, overrides: dict, max_tokens, stop, ignore_eos):

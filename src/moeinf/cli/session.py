@@ -125,6 +125,15 @@ def format_stats(load_s: float, total_s: float, timings: Timings, cache: dict | 
         )
         if "bytes_read" in cache:
             rows.append(("expert bytes read", f"{cache['bytes_read'] / 1e6:.1f} MB"))
+        if cache.get("bytes_h2d"):
+            rows.append(("expert bytes to GPU", f"{cache['bytes_h2d'] / 1e6:.1f} MB"))
+        if cache.get("prefetch_issued"):
+            used, wasted = cache.get("prefetch_used", 0), cache.get("prefetch_wasted", 0)
+            rows.append(("expert prefetches", f"{cache['prefetch_issued']} ({used} used, {wasted} wasted)"))
+        if cache.get("bypassed"):
+            rows.append(("experts not cached", f"{cache['bypassed']} (bulk prefill or policy bypass)"))
+        if "stall_s" in cache:
+            rows.append(("waiting for experts", _duration(cache["stall_s"])))
     width = max(len(name) for name, _ in rows) + 2
     return "\n".join(f"{name + ':':<{width}}{value}" for name, value in rows)
 

@@ -179,6 +179,7 @@ def cache_factory(
             policy=policy,
         )
         cache = build_cache(plan, stored.expert_path)
+        cache.reader.probe(stored.expert_path(spec.moe_layers[0], 0))
         if on_plan is not None:
             on_plan(plan, cache)
         return cache

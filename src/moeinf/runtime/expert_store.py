@@ -124,6 +124,15 @@ class ExpertReader:
         self.layout = layout
         self.mode: str | None = None if direct and hasattr(os, "O_DIRECT") else "buffered"
 
+    def probe(self, path: Path) -> str:
+        """Decide the read mode now (direct or buffered) by opening one expert file; returns it."""
+        if self.mode is None:
+            try:
+                os.close(self._open(path))
+            except FileNotFoundError:
+                pass
+        return self.mode or "direct"
+
     def _open(self, path: Path) -> int:
         if self.mode != "buffered":
             try:
