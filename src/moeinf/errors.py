@@ -184,3 +184,7 @@ class QueueFull(MoeinfError):
 
 class MissingDependency(MoeinfError):
     """An optional dependency a command needs is not installed; the message says how to install it."""
+
+
+class BenchRunFailed(MoeinfError):
+    """A measured `moeinf bench` run (its worker process) failed; the message says which and why."""

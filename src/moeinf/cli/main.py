@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 
 from moeinf import __version__
+from moeinf.cli.bench import bench
+from moeinf.cli.create import create
 from moeinf.cli.list import list_models
 from moeinf.cli.pull import pull
 from moeinf.cli.rm import rm
@@ -34,6 +36,8 @@ app.command("show")(show)
 app.command("rm")(rm)
 app.command("run")(run)
 app.command("serve")(serve)
+app.command("bench")(bench)
+app.command("create")(create)
 app.add_typer(trace_app, name="trace")
 
 

@@ -92,6 +92,9 @@ def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None
         yield lambda n: progress.advance(task, n)
 
 
+_VERBS = {"download": "pulling", "write": "writing"}  # event phase -> verb shown
+
+
 class PullDisplay:
     """Renders PullEvents: rich bars per (phase, file) on a terminal, plain lines otherwise."""
 
@@ -149,7 +152,7 @@ class PullDisplay:
         assert self._progress is not None
         task = self._tasks.get(key)
         if task is None:
-            verb = "pulling" if key[0] == "download" else "resharding"
+            verb = _VERBS.get(key[0], "resharding")
             task = self._progress.add_task(f"{verb} {key[1]}", total=event.total)
             self._tasks[key] = task
         self._progress.update(task, completed=event.done, total=event.total)
@@ -157,7 +160,7 @@ class PullDisplay:
             self._finished.add(key)
 
     def _plain_file(self, key: tuple[str, str], event: PullEvent) -> None:
-        verb = "pulling" if key[0] == "download" else "resharding"
+        verb = _VERBS.get(key[0], "resharding")
         if key not in self._tasks:
             self._tasks[key] = 0
             size = f" ({human_bytes(event.total)})" if event.total else ""

@@ -1,0 +1,281 @@
+"""`moeinf bench`'s driver: runs each (policy, repeat) in a fresh worker process, interleaved, and
+assembles the result object (machine, configuration, store read bandwidth, per-policy medians,
+physical limit, raw runs).
+
+Cold runs drop the page cache before each measured run when the process may (root), else rely on
+the expert cache's direct I/O; the store's read bandwidth is measured by reading a sample of expert
+files with direct I/O on as many threads as the cache's readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeinf.bench.summary import latency_curves, physical_limit, policy_summary
+from moeinf.bench.worker import ALL_RESIDENT
+from moeinf.errors import BadOption, BenchRunFailed
+
+DEFAULT_POLICIES = ("all-resident", "naive", "lru", "lfu", "trace")
+READ_THREADS = 4  # the expert cache's reader threads (ExpertCache workers)
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    policies: list[str]
+    prompts: list[tuple[str, str]]
+    ram_mem: str | None = "25%"
+    gpu_mem: str | None = None
+    max_tokens: int = 64
+    repeat: int = 1
+    routing_trace: str | None = None
+    cold: bool = False
+    device: str = "auto"
+    dtype: str | None = None
+    threads: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_policies(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Known, de-duplicated policy names in order, and notes on those skipped."""
+    from moeinf.runtime.policy import POLICIES
+
+    runnable = {ALL_RESIDENT, *POLICIES} - {"oracle"}
+    chosen, notes = [], []
+    for raw in names:
+        name = raw.strip()
+        if not name or name in chosen:
+            continue
+        if name == "oracle":
+            notes.append("oracle: not a runnable policy; its fetches are the physical limit's yardstick")
+        elif name == "trace" and name not in runnable:
+            notes.append("trace: policy not registered yet; skipped")
+        elif name not in runnable:
+            raise BadOption(f"unknown policy {name!r}; choose from: {', '.join(sorted(runnable))}")
+        else:
+            chosen.append(name)
+    if not chosen:
+        raise BadOption("no policy to run")
+    return chosen, notes
+
+
+def drop_page_cache() -> bool:
+    """sync + drop the page cache (root only); False when not permitted."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure_read_bandwidth(stored, *, files: int = 48, threads: int = READ_THREADS, seed: int = 0) -> dict:
+    """Read `files` random expert files with direct I/O on `threads` threads -> bytes/s and mode."""
+    import mmap
+
+    from moeinf.runtime.expert_store import ExpertLayout, ExpertReader
+
+    spec = stored.manifest.spec
+    layout = ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype)
+    keys = [(layer, e) for layer in spec.moe_layers for e in range(spec.num_experts)]
+    sample = random.Random(seed).sample(keys, min(files, len(keys)))
+    reader = ExpertReader(layout, direct=True)
+    work = list(sample)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        buf = mmap.mmap(-1, layout.read_bytes)  # page aligned, as O_DIRECT needs
+        view = memoryview(buf)
+        while True:
+            with lock:
+                if not work:
+                    break
+                layer, expert = work.pop()
+            reader.read_into(stored.expert_path(layer, expert), view)
+        view.release()
+        buf.close()
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    seconds = time.perf_counter() - start
+    nbytes = len(sample) * layout.data_bytes
+    return {
+        "bytes_per_s": nbytes / seconds if seconds > 0 else 0.0,
+        "files": len(sample),
+        "bytes": nbytes,
+        "seconds": seconds,
+        "threads": threads,
+        "mode": reader.mode,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "ram_bytes": _meminfo("MemTotal"),
+        "ram_available_bytes": _meminfo("MemAvailable"),
+        "root": hasattr(os, "geteuid") and os.geteuid() == 0,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _meminfo(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_worker(config: BenchConfig, policy: str) -> dict[str, Any]:
+    """One measured run in a fresh `python -m moeinf.bench.worker` process."""
+    payload = {**asdict(config), "policy": policy}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeinf.bench.worker"],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchRunFailed(f"bench run of {policy} failed (exit {proc.returncode}): {tail}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise BenchRunFailed(f"bench run of {policy}: {result['error']}")
+    return result
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+    worker: Callable[[BenchConfig, str], dict[str, Any]] = run_worker,
+    pull_progress: Callable | None = None,
+) -> dict[str, Any]:
+    """Measure every policy `repeat` times, interleaved; returns the bench's result object."""
+    from moeinf.store import Store
+
+    say = progress or (lambda message: None)
+    if config.repeat < 1:
+        raise BadOption(f"--repeat must be >= 1, got {config.repeat}")
+    if config.max_tokens < 2:
+        raise BadOption(
+            f"--max-tokens must be >= 2 (decode needs a token after the first), got {config.max_tokens}"
+        )
+    if config.routing_trace:
+        from moeinf.runtime.trace import read_trace
+
+        read_trace(config.routing_trace)  # a bad file fails here, before any run
+    stored = _open_or_pull(Store(), config.model, pull_progress)
+    config.model = stored.name  # workers open it by its store name
+
+    cold = {"requested": config.cold, "page_cache_dropped": False}
+    if config.cold:
+        cold["page_cache_dropped"] = drop_page_cache()
+        if not cold["page_cache_dropped"]:
+            config.notes.append("--cold: cannot drop the page cache (not root); relying on direct I/O")
+    say("measuring the store's read bandwidth")
+    bandwidth = measure_read_bandwidth(stored)
+
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in config.policies}
+    for r in range(config.repeat):
+        for policy in config.policies:
+            if config.cold:
+                drop_page_cache()
+            say(f"run {r + 1}/{config.repeat}: {policy}")
+            runs[policy].append(worker(config, policy))
+
+    summaries = {p: policy_summary(rs) for p, rs in runs.items()}
+    expert_bytes = next(iter(runs.values()))[0]["expert_bytes"] or _expert_bytes(stored)
+    limit = physical_limit(summaries, bandwidth_bytes_s=bandwidth["bytes_per_s"], expert_bytes=expert_bytes)
+    for summary in summaries.values():
+        tps = summary["decode_tps"]
+        summary["of_limit"] = tps / limit["tokens_per_s"] if limit["tokens_per_s"] and tps else None
+    spec = stored.manifest.spec
+    return {
+        "model": stored.name,
+        "shape": {
+            "moe_layers": len(spec.moe_layers),
+            "experts": spec.num_experts,
+            "top_k": spec.top_k,
+            "hidden": spec.hidden_size,
+            "expert_dim": spec.expert_dim,
+            "dtype": spec.dtype,
+            "expert_bytes": expert_bytes,
+        },
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {k: v for k, v in asdict(config).items() if k not in ("model", "notes")},
+        "cold": cold,
+        "read_bandwidth": bandwidth,
+        "policies": summaries,
+        "limit": limit,
+        "latency_curves": {p: latency_curves(rs) for p, rs in runs.items()},
+        "notes": config.notes,
+        "runs": runs,
+    }
+
+
+def _open_or_pull(store, model: str, progress: Callable | None):
+    """The stored model; one that is missing is pulled first (`moeinf bench demo` works at once)."""
+    from moeinf.errors import ModelNotFound, UnknownAlias
+    from moeinf.names import resolve_name
+    from moeinf.pull import pull
+
+    try:
+        return store.open(resolve_name(model))
+    except ModelNotFound as missing:
+        try:
+            return pull(model, store=store, progress=progress)
+        except UnknownAlias:
+            raise missing from None
+
+
+def _expert_bytes(stored) -> int:
+    spec = stored.manifest.spec
+    from moeinf.runtime.expert_store import ExpertLayout
+
+    return ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype).data_bytes
