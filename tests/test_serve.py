@@ -207,6 +207,8 @@ def test_listing_routes(url):
     shown = httpx.post(f"{url}/api/show", json={"model": "olmoe"}).json()
     assert shown["model_info"]["general.architecture"] == "olmoe" and "im_start" in shown["template"]
     assert httpx.post(f"{url}/api/show", json={"model": "nope"}).status_code == 404
+    assert httpx.post(f"{url}/api/show", json={"model": "olmoe:latest"}).status_code == 200  # ollama's tag
+    assert httpx.get(f"{url}/").text == "moeinf is running" and httpx.head(f"{url}/").status_code == 200
     assert httpx.get(f"{url}/api/version").json()["version"]
     assert sorted(m.id for m in client(url).models.list()) == ["olmoe", "olmoe-long"]
     assert client(url).models.retrieve("olmoe").id == "olmoe"
@@ -221,6 +223,9 @@ def test_one_model_in_memory_keep_alive_and_cache_stats(url):
 
     generate(url, PROMPT, model="olmoe-long", options={"num_predict": 2})
     assert [m["name"] for m in ps(url)["models"]] == ["olmoe-long"]  # loading another unloaded the first
+    assert ps(url)["models"][0]["context_length"] == 4096
+    generate(url, PROMPT, model="olmoe-long", options={"num_predict": 2, "num_ctx": 64})
+    assert ps(url)["models"][0]["context_length"] == 64  # options.num_ctx reloads with that context
 
     generate(url, PROMPT, model="olmoe-long", options={"num_predict": 2}, keep_alive=0)
     wait_for(lambda: ps(url)["models"] == [])  # keep_alive 0: unloaded once idle

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from moeinf.cli.session import ChatSession, display_start
 from moeinf.errors import BadRequest, ChatTemplateError
+from moeinf.runtime.generate import GenerationParams
 from moeinf.server.options import RequestParams
 from moeinf.server.queue import Cancelled, Emit
 
@@ -41,7 +42,7 @@ class Prompt:
 
     def ids(self, engine: Engine) -> list[int]:
         if self.messages is None:
-            session = ChatSession(engine, None, raw=self.raw, system=self.system)  # type: ignore[arg-type]
+            session = ChatSession(engine, GenerationParams(), raw=self.raw, system=self.system)
             return session.prompt_ids(self.text or "")
         if not engine.tokenizer.has_chat_template:
             raise ChatTemplateError(

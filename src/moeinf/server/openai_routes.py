@@ -71,14 +71,15 @@ async def _complete(request: Request, body: dict[str, Any], prompt: Prompt, *, c
         delta: dict[str, Any] = {} if text is None else {"content": text}
         if first_chunk[0]:
             delta = {"role": "assistant", **delta}
-            first_chunk[0] = False
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
     def render(event: Any) -> list[dict[str, Any]]:
         if isinstance(event, Step):
-            if not event.text and not first_chunk[0]:
+            if not event.text and not (chat and first_chunk[0]):  # chat's first chunk carries the role
                 return []
-            return [{**head, "choices": [choice(event.text, None)]}]
+            chunk = {**head, "choices": [choice(event.text, None)]}
+            first_chunk[0] = False
+            return [chunk]
         assert isinstance(event, Outcome)
         chunks = [{**head, "choices": [choice(None, event.finish_reason)], "cache": event.cache}]
         if include_usage:

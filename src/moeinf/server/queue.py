@@ -10,6 +10,7 @@ unloads the model once its keep-alive has expired. A `Job` may also run on a thr
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import queue
 import threading
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from moeinf.errors import QueueFull
+
+log = logging.getLogger("moeinf.server")
 
 Emit = Callable[[Any], None]
 Cancelled = Callable[[], bool]
@@ -186,7 +189,10 @@ class Worker:
             try:
                 job = self._queue.get(timeout=self.manager.idle_timeout())
             except queue.Empty:
-                self.manager.expire()
+                try:
+                    self.manager.expire()
+                except Exception:  # the worker must outlive a failed unload
+                    log.exception("unloading the idle model failed")
                 continue
             if job is None:
                 return
