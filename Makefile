@@ -38,7 +38,8 @@ run: $(STAMP)
 	$(BIN)/moeinf pull demo
 	$(BIN)/moeinf run demo "$(DEMO_PROMPT)" --max-tokens 64
 
-# Rebuilds src/moeinf/demo/ from scratch: Debian text packages -> corpus -> tokenizer -> ~35 min of training.
+# Rebuilds src/moeinf/demo/ from scratch: Debian text packages -> corpus -> tokenizer -> training
+# (450 steps: about 8 minutes on an idle 2-core CPU; much longer while the CPU is shared).
 demo-model: $(STAMP)
 	dpkg -s $(DEMO_DEBS) >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y $(DEMO_DEBS))
 	$(BIN)/python scripts/demo_model/corpus.py --out $(DEMO_BUILD)/corpus

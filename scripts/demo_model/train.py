@@ -152,7 +152,7 @@ def main() -> None:
     p.add_argument("--per-layer-aux-coef", type=float, default=0.02)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--per-domain", type=int, default=4, help="sequences per domain per step")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=450)
     p.add_argument("--cosine-horizon", type=int, default=1800)
     p.add_argument("--cooldown", type=float, default=0.2, help="fraction of --steps spent cooling down")
     p.add_argument("--warmup", type=int, default=50)
