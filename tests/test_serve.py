@@ -226,6 +226,8 @@ def test_one_model_in_memory_keep_alive_and_cache_stats(url):
     assert ps(url)["models"][0]["context_length"] == 4096
     generate(url, PROMPT, model="olmoe-long", options={"num_predict": 2, "num_ctx": 64})
     assert ps(url)["models"][0]["context_length"] == 64  # options.num_ctx reloads with that context
+    generate(url, PROMPT, model="olmoe-long", options={"num_predict": 2})
+    assert ps(url)["models"][0]["context_length"] == 4096  # and back to the default without it
 
     generate(url, PROMPT, model="olmoe-long", options={"num_predict": 2}, keep_alive=0)
     wait_for(lambda: ps(url)["models"] == [])  # keep_alive 0: unloaded once idle

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from moeinf.cli.session import ChatSession, display_start
 from moeinf.errors import BadRequest, ChatTemplateError
-from moeinf.runtime.generate import GenerationParams
+from moeinf.runtime.generate import GenerationParams, generate
 from moeinf.server.options import RequestParams
 from moeinf.server.queue import Cancelled, Emit
 
@@ -106,8 +106,6 @@ def run_generation(
     manager: ModelManager, request: GenerationRequest, emit: Emit, cancelled: Cancelled
 ) -> None:
     """The job body: emits Step events (text as shown), then one Outcome; stops early when cancelled."""
-    from moeinf.runtime.generate import generate
-
     engine, load_s = manager.acquire(request.model, num_ctx=request.params.num_ctx)
     try:
         prompt_ids = request.prompt.ids(engine)

@@ -85,14 +85,15 @@ class ModelManager:
 
     def acquire(self, name: str, *, num_ctx: int | None = None) -> tuple[Engine, float]:
         """The engine for `name`, loading it (and unloading another) when needed -> (engine, load seconds)."""
-        from moeinf.runtime.engine import Engine
+        from moeinf.runtime.engine import DEFAULT_CONTEXT, Engine
 
         stored = self.open(name)
         context = num_ctx or self.options.num_ctx
         engine = self.engine
         if engine is not None and engine.stored is not None and engine.stored.path == stored.path:
-            wanted = None if context is None else min(context, stored.spec.max_position_embeddings)
-            if wanted is None or wanted == engine.context_length:
+            # The context Engine.load would give; another one means loading again (ollama's num_ctx).
+            wanted = min(context or DEFAULT_CONTEXT, stored.spec.max_position_embeddings)
+            if wanted == engine.context_length:
                 self._expires = math.inf  # in use: no expiry while a request runs
                 return engine, 0.0
         self.unload()
