@@ -261,7 +261,10 @@ static void *worker_main(void *p) {
     for (;;) {
         int64_t deadline = now_ns() + MK_SPIN_NS;
         for (int i = 0; atomic_load(&pool.gen) == seen; i++) {
-            cpu_relax();
+            /* Spin a few microseconds, then yield while waiting: torch's threads (attention, norms
+             * between two of our products) get this core whenever they are runnable. */
+            if (i < 2048) cpu_relax();
+            else sched_yield();
             if ((i & 255) == 255 && now_ns() > deadline) {
                 pthread_mutex_lock(&pool.lock);
                 while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
@@ -294,7 +297,7 @@ static void install_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_c
 
 static void spin_until_equal(atomic_llong *v, long long want) {
     for (int i = 0; atomic_load(v) != want; i++)
-        if (i < 20000) cpu_relax();
+        if (i < 2048) cpu_relax();
         else sched_yield();
 }
 
@@ -327,7 +330,7 @@ static void run_job(job_t *j, int nth) {
     spin_until_equal(&j->done, j->chunks);
     atomic_store(&pool.current, NULL);
     for (int i = 0; atomic_load(&pool.active) > 0; i++)
-        if (i < 20000) cpu_relax();
+        if (i < 2048) cpu_relax();
         else sched_yield();
     pthread_mutex_unlock(&pool.submit);
 }

@@ -31,7 +31,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = kernels.try_linear(x, self.weight, self.bias)
-        return super().forward(x) if y is None else y
+        if y is not None:
+            return y
+        if self.weight.dtype != x.dtype:  # half weights kept for the native path, here with more tokens
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        return super().forward(x)
 
 
 class MLP(nn.Module):
