@@ -8,6 +8,7 @@ fp32, so every dtype must show only fp32-accumulation error. Skipped when the li
 from __future__ import annotations
 
 import itertools
+import tempfile
 
 import pytest
 import torch
@@ -225,5 +226,18 @@ def test_build_reports_a_broken_compiler(monkeypatch, tmp_path):
         assert "failed" in build.reason()
     finally:
         monkeypatch.delenv("CC")
+        monkeypatch.delenv("MOEINF_NATIVE_DIR")
+        build.reset()
+
+
+def test_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MOEINF_NATIVE_DIR", str(blocker / "native"))  # cannot be created
+    build.reset()
+    try:
+        native = build.load()
+        assert native is not None and str(native.path).startswith(tempfile.gettempdir())
+    finally:
         monkeypatch.delenv("MOEINF_NATIVE_DIR")
         build.reset()

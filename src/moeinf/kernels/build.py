@@ -127,7 +127,10 @@ def _load() -> _State:
     if cc is None:
         return _State(None, "no C compiler (cc, gcc, clang or $CC) on PATH")
     try:
-        path = build(source, cc, settings.native_dir())
+        try:
+            path = build(source, cc, settings.native_dir())
+        except OSError:  # an unwritable cache dir (read-only home on some CI runners): use the temp dir
+            path = build(source, cc, Path(tempfile.gettempdir()) / f"moeinf-native-{os.getuid()}")
         lib = ctypes.CDLL(str(path))
         _declare(lib)
     except subprocess.CalledProcessError as e:
