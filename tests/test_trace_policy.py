@@ -137,3 +137,34 @@ def test_prefetch_plan_names_only_missing_next_layer_experts(capacity):
     for layer, plan, resident in plans:
         assert len(plan) <= 2
         assert all(k.layer == layer + 1 and k not in resident for k in plan)
+
+
+def lookahead_setup():
+    shape = {"num_layers": 3, "num_experts": 8, "top_k": 1}
+    p = TracePolicy(**shape, bypass=False, prefetch=2, lookahead_p=0.99, streak_lag=0)
+    step(p, 0, [0])
+    step(p, 1, [3])
+    step(p, 2, [0])
+    for t in range(5):  # layer 1 moves on to expert 4; expert 3 stays resident, unused
+        step(p, 0, [0], insert=False)
+        step(p, 1, [4], insert=t == 0)
+        step(p, 2, [0], insert=False)
+    p.on_access(K(0, 0), hit=True)  # the next token runs layer 0
+    return p
+
+
+def test_router_lookahead_protects_predicted_experts():
+    def not_running(k):
+        return k != K(0, 0)
+
+    assert lookahead_setup().choose_victim(not_running) == K(1, 3)  # cold: the victim
+    p = lookahead_setup()
+    p.on_router_lookahead(1, [3])  # layer 1's router, applied early, predicts expert 3
+    assert p.choose_victim(not_running) not in (K(1, 3), None)
+
+
+def test_router_lookahead_feeds_the_prefetch_plan():
+    assert lookahead_setup().plan_prefetch(0, [0]) == []
+    p = lookahead_setup()
+    p.on_router_lookahead(1, [5])
+    assert p.plan_prefetch(0, [0]) == [K(1, 5)]

@@ -10,7 +10,8 @@ Call contract (bench.simulator follows it exactly; learning policies rely on it)
     then, for each miss, `should_bypass(key)` and, unless it bypasses, a slot: a free one or
     `choose_victim(can_evict)` with `can_evict` false for the running layer's experts (pinned);
     then always `plan_prefetch(layer, ids)` (the `trace` policy takes it as the end of the layer
-    call), whose keys take slots the same way.
+    call), whose keys take slots the same way;
+  - optionally (run time), `on_router_lookahead(layer + 1, predicted ids)` before `plan_prefetch`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Policy(Protocol):
         drop it (a fetch, but no eviction, no on_insert/on_evict), because it is unlikely to be used
         again before what it would evict."""
 
+    def on_router_lookahead(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Run time only: the router of `layer` applied early (to the hidden state of an earlier layer
+        of the same token) predicts `expert_ids`. Call it before `plan_prefetch` of the layer before."""
+
 
 class PolicyBase:
     """No-op defaults for the optional hooks, so simple policies implement only what they use."""
@@ -67,6 +72,9 @@ class PolicyBase:
 
     def should_bypass(self, key: ExpertKey) -> bool:
         return False
+
+    def on_router_lookahead(self, layer: int, expert_ids: Sequence[int]) -> None:
+        pass
 
 
 class LruPolicy(PolicyBase):

@@ -11,7 +11,9 @@ p comes from recency: the measured reuse hazard falls with the tokens r since th
 r=1, 0.25 at r=2, ~0.46 r^-0.69 on the shared gpt-oss trace); q blends this request's counts with a
 prior rate from the trace library (the stored EAMs closest to the request's partial EAM by cosine
 similarity of per-layer normalised rows, re-matched as the request grows). The victim is the resident
-expert with the largest ET (never one of the running layer: `can_evict`). A demand miss whose own ET
+expert with the largest ET (never one of the running layer: `can_evict`). At run time the next
+layer's router applied early (`on_router_lookahead`) raises the next-visit probability of the
+experts it predicts. A demand miss whose own ET
 after this use is larger than the victim's bypasses the cache (a scratch slot, no eviction). The
 prefetch plan names experts of the next layer whose next-visit probability is high and whose ET is
 below the current victim's, a few at most, so prefetches never push out more useful experts and
@@ -78,6 +80,8 @@ class TracePolicy(PolicyBase):
         decay: float = 0.9,
         rematch_every: int = 16,
         learn: bool = True,
+        lookahead_p: float = 0.8,
+        streak_lag: int = 4,
     ) -> None:
         self.library = library
         if library is not None:
@@ -97,6 +101,10 @@ class TracePolicy(PolicyBase):
         self._span = [(1 - decay**n) / (1 - decay) for n in range(MAX_R + 1)]  # sum of decay^i, i < n
         self.rematch_every = rematch_every
         self.learn = learn
+        self.streak_lag = streak_lag
+        self.lookahead_p = lookahead_p  # next-visit probability of an expert the early router predicts
+        self._ahead: dict[ExpertKey, int] = {}  # router lookahead: key -> token of the predicted visit
+        self._ahead_layer = -1
         self._resident: set[ExpertKey] = set()
         self._stored: dict[ExpertKey, float] = {}  # key -> ET of its live heap entry
         self._heap: list[tuple[float, ExpertKey]] = []  # (-ET, key): lower bounds of ET
@@ -104,7 +112,8 @@ class TracePolicy(PolicyBase):
         self._count: dict[ExpertKey, int] = {}  # uses in this request
         self._ew: dict[ExpertKey, float] = {}  # decayed use count as of the last use
         self._prior: list[list[float]] = []  # [L][E] prior rate per token, from the library
-        self._default_rate = 0.0
+        # Uniform prior K / E until a library says better; 1/8 when the shape is not known yet.
+        self._default_rate = (self.K / self.E) if self.K and self.E else 0.125
         self._t = 0  # global token index of the running token
         self._c = -1  # layer of the running / last layer call
         self._max_layer = -1
@@ -116,6 +125,7 @@ class TracePolicy(PolicyBase):
         self._checks: dict[tuple[int, int], list[ExpertKey]] = {}  # (layer, token) -> ETs to recompute
         self._inserted: dict[ExpertKey, int] = {}  # token of insertion, for experts never used
         self._layer_keys: dict[int, list[ExpertKey]] = {}  # layer -> experts of its previous visit
+        self._ahead_due: list[ExpertKey] = []
 
     # --- request boundaries ------------------------------------------------------------------------
 
@@ -164,9 +174,10 @@ class TracePolicy(PolicyBase):
         else:
             r = t - seen
             self._ew[key] = self._ew[key] * self._pow[r if r < MAX_R else MAX_R] + 1.0
-        # A use right after a use changes the ET by about one sweep; skipping the push keeps such
-        # streak experts a little more protected, and saves most of the work per access.
-        if seen != t - 1 and key in self._resident:
+        # A use right after a use changes the ET by about one sweep: skipping the push keeps such
+        # streak experts a little more protected (their ET lags, by `streak_lag` tokens at most) and
+        # saves most of the work per access.
+        if key in self._resident and (seen != t - 1 or self._stored[key] < (t - self.streak_lag) * self.L):
             self._push(key)
 
     def _start_layer(self, layer: int) -> None:
@@ -182,6 +193,10 @@ class TracePolicy(PolicyBase):
             self._max_layer = layer
         self._running.clear()
         self._due = True
+        if layer == self._ahead_layer:
+            self._ahead_due = [k for k in self._ahead if k in self._resident]
+            self._ahead.clear()
+            self._ahead_layer = -1
 
     def _new_token(self) -> None:
         self._t += 1
@@ -199,6 +214,9 @@ class TracePolicy(PolicyBase):
         prev = self._layer_keys.get(self._c)
         if prev:
             due = prev if due is None else due + prev
+        if self._ahead_due:  # looked-ahead experts the layer did not use lose their protection
+            due = self._ahead_due if due is None else due + self._ahead_due
+            self._ahead_due = []
         if not due:
             return
         t, last, resident, stored, heap = self._t, self._last, self._resident, self._stored, self._heap
@@ -265,8 +283,12 @@ class TracePolicy(PolicyBase):
         if nxt >= self.L:
             return []
         candidates = []
-        # Candidates: what the next layer used at its previous visit (reuse is the strongest signal).
-        for key in self._layer_keys.get(nxt, ()):
+        # Candidates: what the next layer used at its previous visit (reuse is the strongest signal)
+        # and, at run time, what its router predicts from this token's hidden state.
+        pool = self._layer_keys.get(nxt, [])
+        if self._ahead_layer == nxt:
+            pool = list(dict.fromkeys([*self._ahead, *pool]))
+        for key in pool:
             if key not in self._resident and self._p_next(key) >= self.prefetch_threshold:
                 candidates.append((self._et(key), key))
         if not candidates:
@@ -276,6 +298,14 @@ class TracePolicy(PolicyBase):
             return []
         candidates.sort()
         return [key for et, key in candidates[: self.prefetch] if et < top[0]]
+
+    def on_router_lookahead(self, layer: int, expert_ids: Sequence[int]) -> None:
+        tv = self._t if layer > self._c else self._t + 1
+        self._ahead = {ExpertKey(layer, int(e)): tv for e in expert_ids}
+        self._ahead_layer = layer
+        for key in self._ahead:
+            if key in self._resident:  # protect them now: their ET just dropped
+                self._push(key)
 
     # --- expected time of next use -----------------------------------------------------------------
 
@@ -287,6 +317,8 @@ class TracePolicy(PolicyBase):
         layer = key[0]
         tv = self._t if layer > self._c else self._t + 1
         p, q = self._pq(key, layer, tv)
+        if self._ahead and self._ahead.get(key) == tv and self.lookahead_p > p:
+            p = self.lookahead_p
         return q if q > p else p
 
     def _pq(self, key: ExpertKey, layer: int, tv: int) -> tuple[float, float]:
@@ -326,6 +358,8 @@ class TracePolicy(PolicyBase):
             q = (self._ew[key] * self._pow[r] + self.kappa * rate) / span
         if q > p:
             p = q
+        if self._ahead and self._ahead.get(key) == tv and self.lookahead_p > p:
+            p = self.lookahead_p
         if q < 1e-3:
             q = 1e-3
         return tv * L + layer + L * (1.0 - p) / q
