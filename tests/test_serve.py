@@ -250,15 +250,19 @@ def test_concurrent_clients_are_answered_in_order_and_uncorrupted(url):
         answer = generate(url, prompt, **body)
         results[prompt] = (time.monotonic(), answer["response"])
 
-    # The first request keeps the worker busy (and uses the other model) while the rest arrive.
-    first = {"model": "olmoe-long", "options": {"num_predict": 400, "ignore_eos": True}}
+    # The first request keeps the worker busy (and uses the other model) while the rest queue up, one
+    # after another (each thread starts once the previous request is seen in the queue).
+    first = {"model": "olmoe-long", "options": {"num_predict": 600, "ignore_eos": True}}
     threads = [threading.Thread(target=ask, args=(prompts[0],), kwargs=first)]
     threads += [
         threading.Thread(target=ask, args=(p,), kwargs={"options": {"num_predict": 6}}) for p in prompts[1:]
     ]
-    for thread in threads:
+    for i, thread in enumerate(threads):
         thread.start()
-        time.sleep(0.15)  # staggered arrivals
+        if i == 0:
+            wait_for(lambda: ps(url)["queue"]["running"] == 1)
+        else:
+            wait_for(lambda i=i: ps(url)["queue"]["waiting"] == i)
     for thread in threads:
         thread.join(60)
     assert all(results[p][1] == expected[p] for p in prompts[1:])  # nobody got another's tokens
