@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -445,3 +446,10 @@ def test_pull_streams_progress_then_delete(url, checkpoint, monkeypatch):
     assert gone.status_code == 404 and "not found" in gone.json()["error"]
     local = httpx.post(f"{url}/api/pull", json={"model": str(checkpoint("olmoe")), "stream": False})
     assert local.status_code == 400 and "local folder" in local.json()["error"]
+
+
+def test_serve_without_fastapi_or_uvicorn_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the optional extra were not installed
+    result = CliRunner().invoke(cli_app, ["serve"])
+    assert result.exit_code == 1 and "pip install 'moeinf[serve]'" in result.stderr
+    assert "uvicorn" in result.stderr

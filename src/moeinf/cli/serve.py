@@ -102,5 +102,20 @@ def serve(
         if not is_local(host):
             auth = "with an API key" if config.api_key else "WITHOUT an API key (set --api-key)"
             typer.echo(f"Warning: binding to {host} exposes the API to the network, {auth}", err=True)
+        _log_to_stderr(log_level)
         typer.echo(f"moeinf serving on http://{host}:{port} (ollama /api/*, OpenAI /v1/*)", err=True)
         uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own log lines (model loads, the cache plan, errors) beside uvicorn's, in its format."""
+    import logging
+
+    logger = logging.getLogger("moeinf.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    value = logging.getLevelName(level.upper())  # uvicorn's "trace" is not a logging level: INFO then
+    logger.setLevel(value if isinstance(value, int) else logging.INFO)

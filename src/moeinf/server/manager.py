@@ -9,6 +9,7 @@ Everything except `snapshot()` runs on the worker thread (moeinf.server.queue.Wo
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import threading
 import time
@@ -19,6 +20,8 @@ from moeinf.store import Store, StoredModel
 
 if TYPE_CHECKING:
     from moeinf.runtime.engine import Engine, ProviderFactory
+
+log = logging.getLogger("moeinf.server")
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,15 @@ class LoadOptions:
     def provider(self) -> ProviderFactory | None:
         if not self.uses_cache:
             return None
-        from moeinf.runtime.cache_plan import cache_factory
+        from moeinf.runtime.cache_plan import cache_factory, describe
 
-        return cache_factory(ram_mem=self.ram_mem, gpu_mem=self.gpu_mem, policy=self.policy or "lru")
+        def on_plan(plan, cache) -> None:  # what `run --verbose` prints, in the server's log
+            for line in describe(plan, cache):
+                log.info("expert cache: %s", line)
+
+        return cache_factory(
+            ram_mem=self.ram_mem, gpu_mem=self.gpu_mem, policy=self.policy or "lru", on_plan=on_plan
+        )
 
     def validate(self) -> None:
         """Fail on a bad budget or policy name before the server starts, not at the first request."""
@@ -108,6 +117,7 @@ class ModelManager:
         self.engine = engine
         self._expires = math.inf
         self._publish()
+        log.info("loaded %s on %s (%s) in %.2f s", engine.name, engine.device, engine.dtype, engine.load_s)
         return engine, engine.load_s
 
     def release(self, keep_alive: float | None = None) -> None:
@@ -138,6 +148,7 @@ class ModelManager:
         self.engine = None
         self._expires = math.inf
         engine.close()
+        log.info("unloaded %s", engine.name)
         cuda = engine.device.type == "cuda"
         del engine
         gc.collect()
