@@ -433,6 +433,11 @@ def test_pull_streams_progress_then_delete(url, checkpoint, monkeypatch):
         ) as response:
             assert response.status_code == 200
             lines = ndjson(response)
+        missing = httpx.post(f"{url}/api/pull", json={"model": "test/no-such-repo", "stream": False})
+        assert missing.status_code == 404 and "error" in missing.json()
+        with httpx.stream("POST", f"{url}/api/pull", json={"model": "test/no-such-repo"}) as response:
+            failed = ndjson(response)  # as ollama: the stream had started, so the error is its last line
+        assert failed[0] == {"status": "pulling manifest"} and "error" in failed[-1]
     assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
     assert any("total" in line and line["completed"] > 0 for line in lines)
     names = {m["name"] for m in httpx.get(f"{url}/api/tags").json()["models"]}

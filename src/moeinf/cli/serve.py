@@ -104,7 +104,9 @@ def serve(
             typer.echo(f"Warning: binding to {host} exposes the API to the network, {auth}", err=True)
         _log_to_stderr(log_level)
         typer.echo(f"moeinf serving on http://{host}:{port} (ollama /api/*, OpenAI /v1/*)", err=True)
-        uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+        # On Ctrl-C, streams still open get a few seconds to finish before they are cut.
+        app = create_app(config)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
 def _log_to_stderr(level: str) -> None:

@@ -22,13 +22,22 @@ from moeinf.errors import (
     BudgetTooSmall,
     ChatTemplateError,
     ContextTooLong,
+    DiskFull,
+    GatedRepo,
+    InvalidCheckpoint,
     InvalidModelName,
+    ModelExists,
     ModelNotFound,
     MoeinfError,
+    NetworkError,
     QueueFull,
+    RepoNotFound,
     RequestTooLarge,
+    RevisionNotFound,
     StoreLocked,
     UnknownAlias,
+    UnsafeCheckpoint,
+    UnsupportedArchitecture,
 )
 from moeinf.server.queue import ClientGone, Job
 
@@ -44,7 +53,16 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (BudgetTooSmall, 400),
     (ModelNotFound, 404),
     (UnknownAlias, 404),
+    (RepoNotFound, 404),
+    (RevisionNotFound, 404),
+    (GatedRepo, 403),
     (StoreLocked, 409),
+    (ModelExists, 409),
+    (UnsupportedArchitecture, 422),  # pull: a checkpoint moeinf cannot run (quantized ones included)
+    (UnsafeCheckpoint, 422),
+    (InvalidCheckpoint, 422),
+    (NetworkError, 502),
+    (DiskFull, 507),
     (QueueFull, 503),
 )
 
