@@ -102,6 +102,7 @@ async def _generation(
     request: Request, body: dict[str, Any], req: GenerationRequest, *, empty: bool, chat: bool
 ) -> Response:
     manager: ModelManager = request.app.state.manager
+    stream = get(body, "stream", bool, True)  # checked before queueing: a bad request costs no work
     run = run_load if empty else run_generation
     job = submit(request, Job(partial(run, manager, req)))
     model = req.model
@@ -123,7 +124,6 @@ async def _generation(
         tail = _final(last) if isinstance(last, Outcome) else _loaded(last)
         return {"model": model, "created_at": timestamp(), **content(text), **tail}
 
-    stream = get(body, "stream", bool, True)
     return await respond(job, request, stream=stream, render=render, finish=finish, on_error=ollama_error)
 
 
@@ -280,6 +280,7 @@ async def pull(request: Request) -> Response:
 
     body = await read_json(request)
     source = _pull_source(model_name(body, request))
+    stream = get(body, "stream", bool, True)
     manager: ModelManager = request.app.state.manager
 
     def run(emit: Emit, cancelled: Cancelled) -> None:
@@ -300,7 +301,6 @@ async def pull(request: Request) -> Response:
     def finish(events: list[Any]) -> dict[str, Any]:
         return {"status": "success"}
 
-    stream = get(body, "stream", bool, True)
     return await respond(job, request, stream=stream, render=render, finish=finish, on_error=ollama_error)
 
 
