@@ -120,13 +120,17 @@ class LfuPolicy(PolicyBase):
         # Min-heap of (count, last, key) with lazy invalidation: an entry is live while it matches
         # the key's current (count, last) and the key is resident. Keeps choose_victim O(log n).
         self._heap: list[tuple[int, int, ExpertKey]] = []
+        self._limit = 64  # compact the heap beyond this many entries
 
     def on_access(self, key: ExpertKey, hit: bool) -> None:
-        self._tick += 1
+        tick = self._tick = self._tick + 1
         count = self._count[key] = self._count.get(key, 0) + 1
-        self._last[key] = self._tick
+        self._last[key] = tick
         if key in self._resident:
-            self._push(count, self._tick, key)
+            heap = self._heap
+            heapq.heappush(heap, (count, tick, key))
+            if len(heap) > self._limit:
+                self._compact()
 
     def on_insert(self, key: ExpertKey) -> None:
         self._resident.add(key)
@@ -137,11 +141,15 @@ class LfuPolicy(PolicyBase):
         self._resident.discard(key)
 
     def _push(self, count: int, last: int, key: ExpertKey) -> None:
-        heap = self._heap
-        heapq.heappush(heap, (count, last, key))
-        if len(heap) > 4 * len(self._resident) + 64:  # drop stale entries now and then
-            heap[:] = [(self._count.get(k, 0), self._last.get(k, 0), k) for k in self._resident]
-            heapq.heapify(heap)
+        heapq.heappush(self._heap, (count, last, key))
+        if len(self._heap) > self._limit:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale entries (they pile up: one per use of a resident key)."""
+        self._heap = [(self._count.get(k, 0), self._last.get(k, 0), k) for k in self._resident]
+        heapq.heapify(self._heap)
+        self._limit = 4 * len(self._resident) + 64
 
     def choose_victim(self, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
         heap, count, last, resident = self._heap, self._count, self._last, self._resident
