@@ -1,5 +1,7 @@
 """Policy simulator: hook order as the cache, accounting identities, persistence, per-layer pools, time."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,7 +9,8 @@ from moeinf.bench.simulator import make_sim_policy, simulate, simulate_grid, slo
 from moeinf.errors import BadOption
 from moeinf.runtime.expert_key import ExpertKey
 from moeinf.runtime.policy import LruPolicy
-from moeinf.runtime.trace import make_trace
+from moeinf.runtime.trace import make_trace, read_trace
+from moeinf.runtime.trace_library import TraceLibrary
 
 
 def random_trace(seed=0, requests=3, T=12, L=4, E=8, K=2):
@@ -168,3 +171,17 @@ def test_slots_for():
         slots_for(0.05, 24, 32, 4, per_layer=True)
     with pytest.raises(BadOption, match="capacity"):
         slots_for(1.5, 24, 32, 4, per_layer=False)
+
+
+SHARED = Path("/work/shared/traces/gpt-oss-20b.decode.dev.npz")
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="shared gpt-oss trace not present")
+def test_shared_trace_orders_policies():
+    tr = read_trace(SHARED).select([0, 1, 2])
+    lib = TraceLibrary.from_trace(read_trace(SHARED).select(list(range(100, 160))))
+    fetches = {
+        name: simulate(tr, make_sim_policy(name, tr, **opts), capacity=0.25).fetches
+        for name, opts in (("lru", {}), ("trace", {"library": lib}), ("oracle", {}))
+    }
+    assert fetches["oracle"] < fetches["trace"] < fetches["lru"]

@@ -8,9 +8,11 @@ resident expert (l, e), the time of its next use in layer steps (token * L + lay
 
 where p is the probability that the next visit of layer l uses e and q its long-run rate per token.
 p comes from recency: the measured reuse hazard falls with the tokens r since the last use (0.46 at
-r=1, 0.25 at r=2, ~0.46 r^-0.69 on the shared gpt-oss trace); q blends this request's counts with a
-prior rate from the trace library (the stored EAMs closest to the request's partial EAM by cosine
-similarity of per-layer normalised rows, re-matched as the request grows). The victim is the resident
+r=1, 0.25 at r=2, ~0.46 r^-0.69 on the shared gpt-oss trace) and is raised to q when q is larger;
+q blends the expert's recent use rate (uses decayed by `decay` per token) with a prior rate from the
+trace library (the stored EAMs closest to the request's partial EAM by cosine similarity of
+per-layer normalised rows, re-matched every `rematch_every` tokens), weighted as `prior_weight`
+tokens. The victim is the resident
 expert with the largest ET (never one of the running layer: `can_evict`). At run time the next
 layer's router applied early (`on_router_lookahead`) raises the next-visit probability of the
 experts it predicts. A demand miss whose own ET
