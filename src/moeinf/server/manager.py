@@ -35,14 +35,8 @@ class LoadOptions:
     gpu_mem: str | None = None
     policy: str | None = None
 
-    @property
-    def uses_cache(self) -> bool:
-        """A budget or a policy asks for the expert cache; without them every expert stays resident."""
-        return self.ram_mem is not None or self.gpu_mem is not None or self.policy is not None
-
-    def provider(self) -> ProviderFactory | None:
-        if not self.uses_cache:
-            return None
+    def provider(self) -> ProviderFactory:
+        """The expert cache, as `run` uses it: budgets default to free memory, the policy to lru."""
         from moeinf.runtime.cache_plan import cache_factory, describe
 
         def on_plan(plan, cache) -> None:  # what `run --verbose` prints, in the server's log
