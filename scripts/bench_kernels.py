@@ -5,7 +5,8 @@ Decode at batch 1 is bound by reading weights, so the figure of merit is GB/s of
 - expert: one SwiGLU expert (D=768, I=1152 by default) per call, rotating over --experts experts so
   that weights come from DRAM (make experts x expert size exceed the last-level cache)
 - matvec: lm_head-sized x W^T ([1, 768] x [32000, 768]) and [1, 2048] x [7168, 2048]
-Each measurement is repeated --rounds times; the median round is reported (the machine is shared).
+Each measurement is repeated --rounds times, native and torch taking turns within a round so both see
+the same load; the median round is reported (the machine is shared: expect noise).
 
     nice -n 19 .venv/bin/python scripts/bench_kernels.py [--experts 64] [--rounds 7] [--threads N]
 """
@@ -26,14 +27,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 def median_seconds(fn, calls: int, rounds: int) -> float:
     """Median over rounds of the mean time per call."""
-    fn(0)
-    times = []
+    return interleaved({"x": fn}, calls, rounds)["x"]
+
+
+def interleaved(fns: dict, calls: int, rounds: int) -> dict[str, float]:
+    """Median over rounds of the mean time per call of each fn, the fns taking turns within a round
+    so that all of them see the same load on a shared machine."""
+    for fn in fns.values():
+        fn(0)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
-        start = time.perf_counter()
-        for i in range(calls):
-            fn(i)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for i in range(calls):
+                fn(i)
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def probe(rounds: int) -> float:
@@ -63,12 +72,8 @@ def bench_expert(dtype: torch.dtype, d: int, i: int, n: int, tokens: int, rounds
         gate, up, down = experts[k % n]
         F.linear(F.silu(F.linear(x_t, gate)) * F.linear(x_t, up), down)
 
-    res = {}
-    for name, fn in (("native", native), ("torch", torch_path)):
-        s = median_seconds(fn, n, rounds)
-        res[name] = s
-        res[name + "_gbs"] = nbytes / s / 1e9
-    return res
+    res = interleaved({"native": native, "torch": torch_path}, n, rounds)
+    return res | {name + "_gbs": nbytes / s / 1e9 for name, s in res.items()}
 
 
 def bench_matvec(dtype: torch.dtype, n_out: int, k: int, rounds: int) -> dict[str, float]:
@@ -79,15 +84,15 @@ def bench_matvec(dtype: torch.dtype, n_out: int, k: int, rounds: int) -> dict[st
     x_t = x.to(dtype)
     out = torch.empty(1, n_out)
     nbytes = weights[0].numel() * weights[0].element_size()
-    res = {}
-    for name, fn in (
-        ("native", lambda c: kernels.linear(x, weights[c % copies], out=out)),
-        ("torch", lambda c: F.linear(x_t, weights[c % copies])),
-    ):
-        s = median_seconds(fn, copies, rounds)
-        res[name] = s
-        res[name + "_gbs"] = nbytes / s / 1e9
-    return res
+    res = interleaved(
+        {
+            "native": lambda c: kernels.linear(x, weights[c % copies], out=out),
+            "torch": lambda c: F.linear(x_t, weights[c % copies]),
+        },
+        copies,
+        rounds,
+    )
+    return res | {name + "_gbs": nbytes / s / 1e9 for name, s in res.items()}
 
 
 def main() -> None:
