@@ -28,6 +28,7 @@ clean:
 
 # --- demo model (engineer D): `make run` shows moeinf on the packaged demo MoE, offline ----------------
 DEMO_PROMPT ?= def parse_args(argv):
+DEMO_RAM ?= 16MiB# expert cache budget: about 30% of the demo model's 192 experts
 DEMO_BUILD := build/demo_model
 DEMO_DEBS := python3.11-doc bible-kjv bible-kjv-text
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -36,7 +37,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 run: $(STAMP)
 	$(BIN)/moeinf pull demo
-	$(BIN)/moeinf run demo "$(DEMO_PROMPT)" --max-tokens 64
+	$(BIN)/moeinf run demo "$(DEMO_PROMPT)" --max-tokens 64 --ram-mem $(DEMO_RAM) --verbose
 
 # Rebuilds src/moeinf/demo/ from scratch: Debian text packages -> corpus -> tokenizer -> training
 # (450 steps: about 8 minutes on an idle 2-core CPU; much longer while the CPU is shared).
