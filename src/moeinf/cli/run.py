@@ -139,6 +139,10 @@ def _load(model: str, *, device: str, threads: int | None, num_ctx: int | None, 
         if verbose:
             for line in describe(plan, expert_cache):
                 print(f"cache: {line}", file=sys.stderr)
+            if plan.device.type == "cpu":
+                from moeinf import kernels
+
+                print(kernels.describe(), file=sys.stderr)  # native or torch decode products, and why
 
     # A model that is not in the store is pulled first, with pull's progress display on stderr.
     with ui.PullDisplay() as display:
