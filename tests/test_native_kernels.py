@@ -200,6 +200,10 @@ def test_try_variants_compute_or_decline():
         kernels.try_expert_forward(x, gate, up, torch.randn(9, 17)),
     ]
     assert all(y is None for y in declined)
+    trained = torch.randn(5, 17, requires_grad=True)
+    assert kernels.try_linear(x, trained) is None  # autograd needs torch
+    with torch.no_grad():
+        assert kernels.try_linear(x, trained) is not None
 
 
 def test_describe_names_the_path_and_turning_off(monkeypatch):

@@ -66,6 +66,8 @@ def try_linear(
     n, k = weight.shape
     if k == 0 or x.shape[-1] != k or x.numel() > MAX_TOKENS * k:
         return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None  # no autograd through the kernels: torch keeps training correct
     native = load()
     if native is None:
         return None
@@ -105,6 +107,8 @@ def try_expert_forward(
         return None
     if down.shape != (d, i) or not up.is_cpu or not down.is_cpu:
         return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, up, down)):
+        return None  # no autograd through the kernels
     native = load()
     if native is None:
         return None
