@@ -89,7 +89,7 @@ def test_bench_json_has_every_figure_and_consistent_accounting(model):
 
 
 def test_naive_reads_every_routed_expert_and_all_resident_each_at_most_once(model):
-    result = bench(model, policies=["naive", "all-resident"], max_tokens=8)
+    result = bench(model, policies=["naive", "all-resident"], max_tokens=8, ram_mem="100%")
     naive, resident = result["runs"]["naive"][0], result["runs"]["all-resident"][0]
     for stats in (naive["decode"], naive["cache"]):
         assert stats["hits"] == 0 and stats["misses"] == stats["requests"] > 0
@@ -98,6 +98,10 @@ def test_naive_reads_every_routed_expert_and_all_resident_each_at_most_once(mode
     for stats in resident["cache"]["per_layer"].values():
         assert stats["misses"] <= E  # each expert read at most once, then kept
     assert resident["cache"]["bytes_read"] <= L * E * result["shape"]["expert_bytes"]
+    # With room for every expert, Belady fetches exactly the first uses, as the cache does.
+    assert resident["oracle"]["slots"] == L * E
+    assert resident["oracle"]["fetches"] == resident["decode"]["misses"]
+    assert resident["oracle"]["fetches_with_prefill"] == resident["cache"]["misses"]
     # Output never depends on the cache: both saw the same routing, so the same demand.
     assert naive["decode"]["requests"] == resident["decode"]["requests"]
 

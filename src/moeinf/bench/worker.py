@@ -3,7 +3,7 @@
 Loads the model with one policy's expert cache, generates every prompt of the workload (greedy,
 ignoring EOS, `max_tokens` each) with routing replayed from a trace when one is given, and prints
 one JSON line: per-prompt timings and per-token latencies, the expert cache's statistics of the
-decode phase and of the whole run, the Belady (oracle) fetch count on the run's own recorded decode
+decode phase and of the whole run, Belady's (the oracle's) decode fetches on the run's own recorded
 routing at the budget's slot count, and peak memory. A fresh process per run makes peak RSS and
 cold starts honest. On failure it prints `{"error": message}` and exits non-zero.
 
@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import asdict
 from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 ALL_RESIDENT = "all-resident"
 
@@ -77,7 +79,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         params = GenerationParams(
             max_tokens=int(config["max_tokens"]), ignore_eos=True, sampling=SamplingParams(temperature=0.0)
         )
-        prompts, decode_routing = [], []
+        prompts, recorded = [], []
         decode = _zero_totals()
         for i, (name, text) in enumerate(config["prompts"]):
             engine.reset()
@@ -106,7 +108,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             _add(decode, _totals(engine), after_prefill)
             routing = recorder.end_request()
             if routing is not None:
-                decode_routing.append(routing[len(ids) :])
+                recorded.append((routing, len(ids)))
             prompts.append(
                 {
                     "name": name,
@@ -135,7 +137,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             "cache": engine.cache_stats(),
         }
         budget_slots = _budget_slots(engine, config)
-        result["oracle"] = _oracle(decode_routing, E, budget_slots)
+        result["oracle"] = _oracle(recorded, E, budget_slots)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         result["peak_gpu_bytes"] = (
             torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None
@@ -183,22 +185,46 @@ def _budget_slots(engine, config: dict[str, Any]) -> int:
     return plan.slots
 
 
-def _oracle(routing: list, num_experts: int, slots: int) -> dict[str, Any]:
-    """Belady's fetches on the recorded decode routing (requests in order, one pool shared by all
-    layers, persisting across requests, cold at the start), at `slots` slots."""
-    from moeinf.bench.simulator import make_sim_policy, simulate
+def _oracle(requests: list[tuple[np.ndarray, int]], num_experts: int, slots: int) -> dict[str, Any]:
+    """Belady's fetches during decode at `slots` slots (one pool shared by all layers, persisting
+    across requests, empty at the start). `requests` are (routing [T, L, K] of prefill + decode, prefill
+    length): Belady sees the prefill too (as the real cache enters decode holding prefill's experts),
+    and only fetches at decode tokens are counted."""
+    from moeinf.bench.simulator import simulate
+    from moeinf.runtime.oracle import OraclePolicy
     from moeinf.runtime.trace import make_trace
 
-    routing = [r for r in routing if len(r)]
-    if not routing:
+    requests = [(r, p) for r, p in requests if len(r) > p]
+    if not requests:
         return {"slots": slots, "fetches": 0, "tokens": 0, "accesses": 0}
-    trace = make_trace(routing, num_experts=num_experts)
+    trace = make_trace([r for r, _ in requests], num_experts=num_experts)
+    per_row = trace.num_layers * trace.top_k  # accesses per token: top-k ids are distinct
+    decode_row = np.zeros(trace.num_tokens, dtype=bool)
+    offsets = trace.seq_offsets
+    for i, (_, prefill) in enumerate(requests):
+        decode_row[int(offsets[i]) + prefill : int(offsets[i + 1])] = True
+
+    class Counting(OraclePolicy):
+        accesses = 0
+
+        def on_access(self, key, hit: bool) -> None:
+            super().on_access(key, hit)
+            self.accesses += 1
+
+    policy = Counting(trace.experts, num_experts)
+    fetches = 0
+
+    def on_fetch(key, prefetch: bool) -> None:
+        nonlocal fetches
+        fetches += bool(decode_row[(policy.accesses - 1) // per_row])
+
     capacity = slots / (trace.num_layers * num_experts)
-    result = simulate(trace, make_sim_policy("oracle", trace), capacity=capacity)
+    result = simulate(trace, policy, capacity=capacity, on_fetch=on_fetch)
     return {
         "slots": result.slots,
-        "fetches": result.fetches,
-        "tokens": result.tokens,
+        "fetches": fetches,
+        "fetches_with_prefill": result.fetches,
+        "tokens": int(decode_row.sum()),
         "accesses": result.accesses,
     }
 
