@@ -1,6 +1,6 @@
 """The expert cache is invisible in the output: for every family, at budgets from one layer's top-k to
-all experts, with lru and lfu, with and without (scripted, random) prefetching, greedy tokens equal
-transformers' and the last logits are bit-identical to the all-resident run.
+all experts, with lru, lfu and trace, with and without (scripted, random) prefetching, greedy tokens
+equal transformers' and the last logits are bit-identical to the all-resident run.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from moeinf.pull import pull
+from moeinf.runtime.cache_plan import model_policy
 from moeinf.runtime.engine import Engine
 from moeinf.runtime.expert_cache import ExpertCache
 from moeinf.runtime.expert_key import ExpertKey
 from moeinf.runtime.expert_store import ExpertLayout
 from moeinf.runtime.generate import GenerationParams, complete
 from moeinf.runtime.policy import LfuPolicy, LruPolicy
+from moeinf.runtime.trace_library import open_model_library
 from tests.fixtures.checkpoints import FAMILIES
 from tests.test_run_e2e import PROMPT, hf_greedy, hf_pair
 
@@ -98,3 +100,10 @@ def test_cache_is_invisible(family, checkpoint):
             where = f"{family} slots={slots} {base.name} prefetch={prefetch}"
             assert tokens == expected, where
             assert torch.equal(logits, reference_logits), where
+    # The trace policy (bypass, prefetch, next-layer router lookahead) with the model's library.
+    for slots in budgets[:2]:
+        policy = model_policy("trace", stored)
+        tokens, logits = run(stored, prompt_ids, slots, policy)
+        assert tokens == expected, f"{family} slots={slots} trace"
+        assert torch.equal(logits, reference_logits), f"{family} slots={slots} trace"
+    assert len(open_model_library(stored)) >= 1  # finished requests went into the library

@@ -25,7 +25,7 @@ from moeinf.models.rope import RotaryTable
 from moeinf.models.spec import ModelSpec
 from moeinf.models.weights import dense_shapes
 from moeinf.runtime import kv_cache
-from moeinf.runtime.expert_provider import ExpertProvider
+from moeinf.runtime.expert_provider import ExpertProvider, LookaheadProvider
 
 if TYPE_CHECKING:
     from moeinf.runtime.routing_hooks import RoutingHook
@@ -41,6 +41,9 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.attn = GQAAttention(spec, layer) if spec.attention.kind == "gqa" else MLAAttention(spec, layer)
         self.is_moe = spec.is_moe_layer(layer)
+        # (next MoE layer's post-attention norm, its router, its index, provider), set by enable_lookahead.
+        self.lookahead: tuple | None = None
+        self.lookahead_k = spec.top_k
         if self.is_moe:
             self.moe = MoEBlock(spec, layer, provider, spec.moe_layers.index(layer))
         else:
@@ -48,6 +51,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rotary, start_pos, cache, masks) -> torch.Tensor:
         h = x + self.attn(self.input_norm(x), rotary, start_pos, cache, masks[self.attn.window])
+        if self.lookahead is not None and h.shape[0] == 1:
+            # Decode: the next MoE layer's router on this residual stream predicts its experts one
+            # layer early (a hint for the cache policy; the real routing happens there as usual).
+            norm, router, layer, provider = self.lookahead
+            logits = torch.nn.functional.linear(norm(h), router.weight)  # [1, E]
+            provider.lookahead(layer, logits.topk(self.lookahead_k, dim=-1).indices[0].tolist())
         ffn = self.moe if self.is_moe else self.mlp
         return h + ffn(self.post_attn_norm(h))
 
@@ -111,6 +120,13 @@ class Decoder(nn.Module):
         for layer in self.layers:
             if layer.is_moe:
                 layer.moe.hook = hook
+
+    def enable_lookahead(self, provider: LookaheadProvider) -> None:
+        """Give `provider` each decode step's early prediction of the next MoE layer's experts."""
+        moe = [i for i, layer in enumerate(self.layers) if layer.is_moe]
+        for here, nxt in zip(moe, moe[1:], strict=False):
+            target = self.layers[nxt]
+            self.layers[here].lookahead = (target.post_attn_norm, target.moe.router, nxt, provider)
 
     def reset(self) -> None:
         """Forget the session: the next forward starts at position 0.

@@ -125,17 +125,21 @@ def plan_cache(
     return CachePlan(device, dtype, layout, policy, slots, cpu_slot, top_k=spec.top_k, reasons=reasons)
 
 
-def build_cache(plan: CachePlan, expert_path, *, direct_io: bool = True) -> ExpertCache:
-    """Allocate the planned pools and start the transfer threads. `expert_path(layer, expert) -> Path`."""
+def build_cache(plan: CachePlan, expert_path, *, direct_io: bool = True, policy=None) -> ExpertCache:
+    """Allocate the planned pools and start the transfer threads. `expert_path(layer, expert) -> Path`.
+
+    `policy`: a ready policy object (e.g. `trace` with the model's library), else made from its name.
+    The pinned RAM tier behind a GPU (CUDA) is plain LRU: the policy's smarts go to the compute tier.
+    """
     return ExpertCache(
         expert_path,
         plan.layout,
         slots=plan.slots,
-        policy=make_policy(plan.policy),
+        policy=policy if policy is not None else make_policy(plan.policy),
         device=plan.device,
         dtype=plan.dtype,
         host_slots=plan.host_slots,
-        host_policy=make_policy(plan.policy) if plan.host_slots else None,
+        host_policy=make_policy("lru") if plan.host_slots else None,
         direct_io=direct_io,
         bulk_threshold=plan.top_k,
         scratch_slots=plan.scratch_slots,
@@ -151,6 +155,22 @@ def describe(plan: CachePlan, cache: ExpertCache | None = None) -> list[str]:
         mode = {"direct": "direct I/O (O_DIRECT)", "buffered": "buffered reads + POSIX_FADV_DONTNEED"}
         lines.append(f"store reads: {mode.get(cache.reader.mode or '', 'decided at the first read')}")
     return lines
+
+
+def model_policy(name: str, stored):
+    """The policy `name` for a stored model: `trace` learns from and adds to the model's trace library."""
+    if name != "trace":
+        return make_policy(name)
+    from moeinf.runtime.trace_library import open_model_library
+
+    spec = stored.manifest.spec
+    return make_policy(
+        "trace",
+        library=open_model_library(stored),
+        num_layers=spec.num_layers,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+    )
 
 
 def cache_factory(
@@ -178,7 +198,7 @@ def cache_factory(
             gpu_mem=gpu_mem,
             policy=policy,
         )
-        cache = build_cache(plan, stored.expert_path)
+        cache = build_cache(plan, stored.expert_path, policy=model_policy(policy, stored))
         cache.reader.probe(stored.expert_path(spec.moe_layers[0], 0))
         if on_plan is not None:
             on_plan(plan, cache)

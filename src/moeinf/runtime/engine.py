@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from moeinf.errors import BadOption, ModelNotFound, UnknownAlias
-from moeinf.runtime.expert_provider import ExpertProvider
+from moeinf.runtime.expert_provider import ExpertProvider, LookaheadProvider, RequestAware
 from moeinf.runtime.generate import StepDecoder
 from moeinf.runtime.sampling import SamplingParams
 from moeinf.runtime.tokenizer import Tokenizer
@@ -198,6 +198,8 @@ class Engine:
             provider = ResidentProvider
         experts = provider(stored, torch_device, torch_dtype)
         decoder = load_decoder(stored, experts, device=torch_device, dtype=torch_dtype, max_seq_len=context)
+        if isinstance(experts, LookaheadProvider) and experts.wants_lookahead:
+            decoder.enable_lookahead(experts)
         tokenizer = Tokenizer.from_dir(stored.tokenizer_dir)
         generation_config = _read_json(Path(stored.tokenizer_dir) / "generation_config.json")
         config = _read_json(Path(stored.tokenizer_dir) / "config.json")
@@ -223,6 +225,15 @@ class Engine:
     def default_sampling(self) -> SamplingParams:
         """The model's own sampling defaults (generation_config.json; greedy when it has none)."""
         return SamplingParams.from_generation_config(self.generation_config)
+
+    def start_request(self) -> None:
+        """A generation starts: the expert cache's policy may learn per request (trace library)."""
+        if isinstance(self.provider, RequestAware):
+            self.provider.start_request()
+
+    def end_request(self) -> None:
+        if isinstance(self.provider, RequestAware):
+            self.provider.end_request()
 
     def cache_stats(self) -> dict:
         """The expert cache's statistics when the provider keeps any, else {}."""

@@ -232,6 +232,16 @@ class ExpertCache:
                     cancelled += 1
             return cancelled
 
+    @property
+    def wants_lookahead(self) -> bool:
+        """Whether the policy uses next-layer router predictions (see `lookahead`)."""
+        return self.policy.uses_lookahead
+
+    def lookahead(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """The decoder's early guess at `layer`'s routing for the current token, for the policy."""
+        with self._cv:
+            self.policy.on_router_lookahead(layer, [int(e) for e in expert_ids])
+
     def start_request(self) -> None:
         with self._cv:
             self.policy.on_request_start()

@@ -8,7 +8,7 @@ and the budgeted expert cache (`runtime.expert_cache`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -32,3 +32,21 @@ class ExpertProvider(Protocol):
         advanced or closed (the cache may then reuse the slot).
         """
         ...
+
+
+@runtime_checkable
+class LookaheadProvider(Protocol):
+    """A provider whose policy uses the next layer's router applied early to the current hidden state."""
+
+    wants_lookahead: bool
+
+    def lookahead(self, layer: int, expert_ids: Sequence[int]) -> None: ...
+
+
+@runtime_checkable
+class RequestAware(Protocol):
+    """A provider that wants to know where requests start and end (its policy learns per request)."""
+
+    def start_request(self) -> None: ...
+
+    def end_request(self) -> None: ...

@@ -46,6 +46,10 @@ class GenerationTarget(Protocol):
 
     def cache_stats(self) -> dict: ...
 
+    def start_request(self) -> None: ...
+
+    def end_request(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -163,33 +167,39 @@ def generate(
     eos = frozenset() if params.ignore_eos else target.eos_token_ids
 
     start = time.perf_counter()
-    logits, reused = prefill(target, prompt_ids)  # [V]
-    length = len(prompt_ids)
+    target.start_request()
+    try:
+        logits, reused = prefill(target, prompt_ids)  # [V]
+        length = len(prompt_ids)
 
-    prompt_s = decode_s = 0.0
-    index = 0
-    while True:
-        token = sampler(logits, None if history is None else history[:length])
-        if history is not None:
-            history[length] = token
-        length += 1
-        now = time.perf_counter()
-        step_s = now - start
-        if index == 0:
-            prompt_s = step_s
-        else:
-            decode_s += step_s
+        prompt_s = decode_s = 0.0
+        index = 0
+        while True:
+            token = sampler(logits, None if history is None else history[:length])
+            if history is not None:
+                history[length] = token
+            length += 1
+            now = time.perf_counter()
+            step_s = now - start
+            if index == 0:
+                prompt_s = step_s
+            else:
+                decode_s += step_s
 
-        at_limit = index + 1 == params.max_tokens or length >= limit
-        text, finish = _new_text(token, token in eos, at_limit, detok, stops)
+            at_limit = index + 1 == params.max_tokens or length >= limit
+            text, finish = _new_text(token, token in eos, at_limit, detok, stops)
 
-        timings = Timings(len(prompt_ids), reused, prompt_s, index + 1, decode_s, step_s)
-        yield Step(index, token, text, timings, finish, target.cache_stats() if finish else {})
-        if finish is not None:
-            return
-        start = time.perf_counter()
-        logits = forward(target, torch.tensor([token], dtype=torch.long, device=target.device), length - 1)
-        index += 1
+            timings = Timings(len(prompt_ids), reused, prompt_s, index + 1, decode_s, step_s)
+            yield Step(index, token, text, timings, finish, target.cache_stats() if finish else {})
+            if finish is not None:
+                return
+            start = time.perf_counter()
+            logits = forward(
+                target, torch.tensor([token], dtype=torch.long, device=target.device), length - 1
+            )
+            index += 1
+    finally:
+        target.end_request()  # also when the caller stops early (Ctrl-C, a client that went away)
 
 
 def _new_text(

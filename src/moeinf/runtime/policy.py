@@ -26,6 +26,7 @@ from moeinf.runtime.expert_key import ExpertKey
 
 class Policy(Protocol):
     name: str
+    uses_lookahead: bool  # wants on_router_lookahead calls (the decoder then computes them)
 
     def on_request_start(self) -> None: ...
 
@@ -60,6 +61,7 @@ class PolicyBase:
     """No-op defaults for the optional hooks, so simple policies implement only what they use."""
 
     name = "base"
+    uses_lookahead = False  # True: the decoder computes next-layer router predictions for on_router_lookahead
 
     def on_request_start(self) -> None:
         pass
