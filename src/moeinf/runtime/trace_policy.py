@@ -115,9 +115,6 @@ class TracePolicy(PolicyBase):
         self._count: dict[ExpertKey, int] = {}  # uses in this request
         self._ew: dict[ExpertKey, float] = {}  # decayed use count as of the last use
         self._prior: list[list[float]] = []  # [L][E] prior rate per token, from the library
-        self._scale: list[list[float]] = []  # [L][E] the expert's reuse relative to the mean (library)
-        self._reused: dict[ExpertKey, int] = {}  # next-token reuses in this request
-        self._request_t0 = 0  # global token index of the request's first token
         # Uniform prior K / E until a library says better; 1/8 when the shape is not known yet.
         self._default_rate = (self.K / self.E) if self.K and self.E else 0.125
         self._t = 0  # global token index of the running token
@@ -137,24 +134,12 @@ class TracePolicy(PolicyBase):
 
     def on_request_start(self) -> None:
         self._count.clear()
-        self._reused.clear()
         self._n = 0
-        self._request_t0 = self._t + 1 if self._c >= 0 else 0
-        if self.library is not None and self.library.reuse_base.sum() > 0:
-            self._scale = self.library.reuse_scale().tolist()
         self._set_prior(None)
 
     def on_request_end(self) -> None:
         if self.learn and self.library is not None and self._count:
-            eam = self.request_eam()
-            reused = np.zeros_like(eam)
-            for (layer, expert), n in self._reused.items():
-                reused[layer, expert] = n
-            base = eam.copy()  # uses with a next token: all but the last token's
-            for key in self._count:
-                if self._last.get(key) == self._t:
-                    base[key[0], key[1]] -= 1
-            self.library.add(eam, reused=reused, reuse_base=base)
+            self.library.add(self.request_eam())
 
     def request_eam(self) -> np.ndarray:
         """This request's expert activation matrix [L, E] so far."""
@@ -187,8 +172,6 @@ class TracePolicy(PolicyBase):
         last[key] = t
         count = self._count
         count[key] = count.get(key, 0) + 1
-        if seen == t - 1 and seen >= self._request_t0:
-            self._reused[key] = self._reused.get(key, 0) + 1
         if seen is None:
             self._ew[key] = 1.0
         else:
@@ -353,8 +336,7 @@ class TracePolicy(PolicyBase):
         r = tv - seen
         if r > MAX_R:
             r = MAX_R
-        p = _HAZARD[r] * self._scale[layer][key[1]] if self._scale else _HAZARD[r]
-        return (p if p < 0.98 else 0.98), (self._ew[key] * self._pow[r] + self.kappa * rate) / span
+        return _HAZARD[r], (self._ew[key] * self._pow[r] + self.kappa * rate) / span
 
     def _et(self, key: ExpertKey) -> float:
         """Expected layer step of the next use of `key`, seen from the running layer."""
@@ -375,9 +357,7 @@ class TracePolicy(PolicyBase):
             r = tv - seen
             if r > MAX_R:
                 r = MAX_R
-            p = _HAZARD[r] * self._scale[layer][key[1]] if self._scale else _HAZARD[r]
-            if p > 0.98:
-                p = 0.98
+            p = _HAZARD[r]
             q = (self._ew[key] * self._pow[r] + self.kappa * rate) / span
         if q > p:
             p = q
