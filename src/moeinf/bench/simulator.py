@@ -1,11 +1,12 @@
 """The policy simulator: replays a routing trace through a cache policy and counts what moves.
 
 It drives the very policy objects the runtime uses, with the hook order of `runtime.expert_cache`:
-for each layer of each token, `on_access` for every routed expert; each miss then either bypasses
-(`should_bypass`: fetched into a scratch slot, never resident) or takes a free slot or the victim
-`choose_victim` names among resident experts the running layer does not use (those are pinned in
-the real cache); then `plan_prefetch(layer, ids)` and each planned key not resident takes a slot the
-same way. The pool is shared by all layers (`capacity x layers x experts` slots) or split per layer.
+for each layer of each token, `on_access` for every routed expert; each miss then takes a free slot,
+or, when there is none, either bypasses (`should_bypass`: fetched into a scratch slot, never
+resident) or takes the slot of the victim `choose_victim` names among resident experts the running
+layer does not use (those are pinned in the real cache); then `plan_prefetch(layer, ids)` and each
+planned key not resident takes a slot the same way. The pool is shared by all layers
+(`capacity x layers x experts` slots) or split per layer.
 The cache persists across requests. Residency does not depend on timing (as in a replay whose
 transfers land before the next decision); a time model is laid over it: one transfer channel, demand
 before queued prefetches, a layer computes once its experts have landed. numpy, no torch.
@@ -215,11 +216,11 @@ def simulate(
                             ready = busy
                         if on_fetch is not None:
                             on_fetch(k, False)
-                        if should_bypass(k):
-                            bypasses += 1
-                            continue
                         if free[pool]:
                             free[pool] -= 1
+                        elif should_bypass(k):  # asked only when a slot must be freed, as the cache does
+                            bypasses += 1
+                            continue
                         else:
                             victim = choose_victim(can_evict_of[layer])
                             if victim is None:
