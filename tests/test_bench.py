@@ -21,6 +21,7 @@ from moeinf.cli.bench import COLUMNS, table_rows
 from moeinf.cli.main import app
 from moeinf.errors import BadOption
 from moeinf.runtime.trace import make_trace, write_trace
+from moeinf.store import Store
 
 L, E, K = 3, 8, 2
 POLICIES = ["all-resident", "naive", "lru", "lfu", "trace"]
@@ -72,6 +73,8 @@ def test_bench_json_has_every_figure_and_consistent_accounting(model):
     assert result["limit"]["tokens_per_s"] > 0
     assert result["read_bandwidth"]["bytes_per_s"] > 0
     json.dumps(result)  # --json prints it as is
+    assert result["trace_library_entries"] == 0
+    assert not (Store().open(model).path / "traces" / "library.npz").exists()  # left as found
 
     expert_bytes = result["shape"]["expert_bytes"]
     assert expert_bytes == 3 * 64 * 32 * 2

@@ -221,12 +221,17 @@ def run_bench(
     bandwidth = measure_read_bandwidth(stored)
 
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in config.policies}
-    for r in range(config.repeat):
-        for policy in config.policies:
-            if config.cold:
-                drop_page_cache()
-            say(f"run {r + 1}/{config.repeat}: {policy}")
-            runs[policy].append(worker(config, policy))
+    library = LibrarySnapshot(stored)
+    try:
+        for r in range(config.repeat):
+            for policy in config.policies:
+                if config.cold:
+                    drop_page_cache()
+                library.restore()  # every run of `trace` starts from the library as it was
+                say(f"run {r + 1}/{config.repeat}: {policy}")
+                runs[policy].append(worker(config, policy))
+    finally:
+        library.restore()  # the bench leaves the model's trace library as it found it
 
     summaries = {p: policy_summary(rs) for p, rs in runs.items()}
     expert_bytes = next(iter(runs.values()))[0]["expert_bytes"] or _expert_bytes(stored)
@@ -255,8 +260,30 @@ def run_bench(
         "limit": limit,
         "latency_curves": {p: latency_curves(rs) for p, rs in runs.items()},
         "notes": config.notes,
+        "trace_library_entries": library.entries,  # at the start of every `trace` run
         "runs": runs,
     }
+
+
+class LibrarySnapshot:
+    """The model's trace library file as it was when the bench started (the `trace` policy learns
+    into it): restoring it keeps repeats independent and the user's library untouched."""
+
+    def __init__(self, stored) -> None:
+        from moeinf.runtime.trace_library import FILE_NAME, library_dir, open_model_library
+
+        self.path = Path(library_dir(stored.path)) / FILE_NAME
+        self.data = self.path.read_bytes() if self.path.is_file() else None
+        self.size = len(self.data) if self.data is not None else 0
+        self.entries = len(open_model_library(stored)) if self.data is not None else 0
+
+    def restore(self) -> None:
+        if self.data is None:
+            self.path.unlink(missing_ok=True)
+        elif not self.path.is_file() or self.path.read_bytes() != self.data:
+            tmp = self.path.with_name(self.path.name + ".bench-tmp")
+            tmp.write_bytes(self.data)
+            tmp.replace(self.path)
 
 
 def _open_or_pull(store, model: str, progress: Callable | None):

@@ -17,20 +17,11 @@ import resource
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 ALL_RESIDENT = "all-resident"
-
-
-@runtime_checkable
-class RequestAware(Protocol):
-    """A provider whose policy wants request boundaries (the expert cache)."""
-
-    def start_request(self) -> None: ...
-
-    def end_request(self) -> None: ...
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -92,8 +83,6 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             if replay is not None:
                 # Decode replays trace request i from its first token; prefill takes the tokens before.
                 replay.seek(int(offsets[i % (len(offsets) - 1)]) - len(ids))
-            if isinstance(provider, RequestAware):
-                provider.start_request()
             steps_ms: list[float] = []
             after_prefill = None
             last = None
@@ -102,8 +91,6 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
                     after_prefill = _totals(engine)
                 else:
                     steps_ms.append(last.timings.step_s * 1000)
-            if isinstance(provider, RequestAware):
-                provider.end_request()
             assert last is not None and after_prefill is not None
             _add(decode, _totals(engine), after_prefill)
             routing = recorder.end_request()
