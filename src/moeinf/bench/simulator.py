@@ -225,7 +225,11 @@ def simulate(
                             victim = choose_victim(can_evict_of[layer])
                             if victim is None:
                                 raise RuntimeError(f"policy {policy.name} found no victim for a demand miss")
-                            evict(victim)
+                            if prefetched or victim not in resident or victim in running:
+                                evict(victim)  # the general path, with its checks
+                            else:  # the hot path, inlined: a plain resident expert leaves
+                                resident.remove(victim)
+                                on_evict(victim)
                         resident.add(k)
                         on_insert(k)
                 plan = plan_prefetch(layer, ids)
