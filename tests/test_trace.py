@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moeinf.errors import InvalidTrace
-from moeinf.runtime.trace import Trace, eam, make_trace, read_trace, write_trace
+from moeinf.runtime.trace import Trace, TraceRecorder, eam, make_trace, read_trace, write_trace
 
 SHARED = Path("/work/shared/traces/gpt-oss-20b.decode.dev.npz")
 
@@ -100,3 +100,22 @@ def test_shared_gpt_oss_trace_reads():
     assert tr.num_requests == 526 and tr.num_tokens == 160644
     m = tr.eam(0)
     assert np.array_equal(m.sum(axis=1), np.full(24, 4 * (tr.seq_offsets[1] - tr.seq_offsets[0])))
+
+
+def test_recorder_builds_the_trace_it_was_fed(tmp_path):
+    reqs = random_requests(missing_layer=0)  # layer 0 dense: never recorded
+    rec = TraceRecorder(3, 6, 2, model="tiny")
+    for r in reqs:
+        for token in r:
+            for layer in (1, 2):
+                rec.record(layer, token[layer], probs=[0.75, 0.25])
+        rec.end_request()
+    tr = rec.trace()
+    expected = make_trace(reqs, num_experts=6, model="tiny")
+    assert np.array_equal(tr.experts, expected.experts)
+    assert np.array_equal(tr.seq_offsets, expected.seq_offsets)
+    assert np.allclose(tr.probs[:, 1:], [0.75, 0.25]) and np.all(tr.probs[:, 0] == 0)
+    back = read_trace(write_trace(tr, tmp_path / "rec.npz"))
+    assert back.meta["model"] == "tiny" and np.array_equal(back.eam(2), expected.eam(2))
+    with pytest.raises(InvalidTrace, match="no routing"):
+        TraceRecorder(3, 6, 2).trace()
