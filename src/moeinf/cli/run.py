@@ -22,6 +22,7 @@ import typer
 
 from moeinf.cli import ui
 from moeinf.errors import BadOption
+from moeinf.runtime.policy import DEFAULT_POLICY
 
 
 def run(
@@ -66,7 +67,9 @@ def run(
     gpu_mem: Annotated[
         str | None, typer.Option("--gpu-mem", help="GPU memory for experts (CUDA): bytes or a share (25%).")
     ] = None,
-    policy: Annotated[str, typer.Option(help="Expert cache policy: lru, lfu, trace, naive.")] = "lru",
+    policy: Annotated[
+        str, typer.Option(help="Expert cache policy: trace (learns from past requests), lru, lfu, naive.")
+    ] = DEFAULT_POLICY,
     routing_trace: Annotated[
         str | None,
         typer.Option("--routing-trace", help="Replay the router's choices from a trace file (.npz)."),

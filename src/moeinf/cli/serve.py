@@ -46,7 +46,9 @@ def serve(
     gpu_mem: Annotated[
         str | None, typer.Option("--gpu-mem", help="Expert cache budget in GPU memory (CUDA only).")
     ] = None,
-    policy: Annotated[str | None, typer.Option("--policy", help="Expert cache policy (default lru).")] = None,
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="Expert cache policy: trace (default), lru, lfu, naive.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all available).")] = None,
     num_ctx: Annotated[

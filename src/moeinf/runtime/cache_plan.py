@@ -17,7 +17,7 @@ from moeinf.models.spec import ModelSpec
 from moeinf.runtime.budget import default_budget_bytes, format_bytes, parse_size, slots_for
 from moeinf.runtime.expert_cache import ExpertCache
 from moeinf.runtime.expert_store import ExpertLayout, round_up
-from moeinf.runtime.policy import make_policy
+from moeinf.runtime.policy import DEFAULT_POLICY, make_policy
 from moeinf.runtime.slot_pool import torch_dtype
 
 
@@ -54,6 +54,20 @@ def available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def slot_dtype(stored: str, device: torch.device, compute: torch.dtype) -> torch.dtype:
+    """The dtype experts are kept in on the compute tier.
+
+    On the CPU with the native kernels, half-precision experts stay in their stored dtype (raw slots:
+    half the RAM of fp32 copies, no conversion per load) and are widened to fp32 in the kernel.
+    """
+    from moeinf import kernels
+
+    half = torch_dtype(stored)
+    if device.type == "cpu" and compute == torch.float32 and half != compute and kernels.available():
+        return half
+    return compute
+
+
 def slot_bytes_for(layout: ExpertLayout, dtype: torch.dtype) -> int:
     if dtype == torch_dtype(layout.dtype):
         return layout.read_bytes  # raw slot: the file image, filled by one read
@@ -68,7 +82,7 @@ def plan_cache(
     dtype: torch.dtype,
     ram_mem: str | None = None,
     gpu_mem: str | None = None,
-    policy: str = "lru",
+    policy: str = DEFAULT_POLICY,
 ) -> CachePlan:
     make_policy(policy)  # an unknown name fails here, before anything is allocated
     layout = ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype)
@@ -177,7 +191,7 @@ def cache_factory(
     *,
     ram_mem: str | None = None,
     gpu_mem: str | None = None,
-    policy: str = "lru",
+    policy: str = DEFAULT_POLICY,
     on_plan: Callable[[CachePlan, ExpertCache], None] | None = None,
 ) -> Callable[..., ExpertCache]:
     """A provider factory for `Engine.load(provider=...)`: (stored model, device, dtype) -> ExpertCache.
@@ -193,7 +207,7 @@ def cache_factory(
             spec,
             dense_bytes=dense_bytes,
             device=device,
-            dtype=dtype,
+            dtype=slot_dtype(spec.dtype, device, dtype),
             ram_mem=ram_mem,
             gpu_mem=gpu_mem,
             policy=policy,

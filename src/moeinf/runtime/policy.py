@@ -207,6 +207,8 @@ class NaivePolicy(PolicyBase):
         return True
 
 
+DEFAULT_POLICY = "trace"  # what run and serve use unless told otherwise
+
 POLICIES: dict[str, Callable[..., Policy]] = {
     "naive": NaivePolicy,
     "lru": LruPolicy,

@@ -38,13 +38,14 @@ class LoadOptions:
     def provider(self) -> ProviderFactory:
         """The expert cache, as `run` uses it: budgets default to free memory, the policy to lru."""
         from moeinf.runtime.cache_plan import cache_factory, describe
+        from moeinf.runtime.policy import DEFAULT_POLICY
 
         def on_plan(plan, cache) -> None:  # what `run --verbose` prints, in the server's log
             for line in describe(plan, cache):
                 log.info("expert cache: %s", line)
 
         return cache_factory(
-            ram_mem=self.ram_mem, gpu_mem=self.gpu_mem, policy=self.policy or "lru", on_plan=on_plan
+            ram_mem=self.ram_mem, gpu_mem=self.gpu_mem, policy=self.policy or DEFAULT_POLICY, on_plan=on_plan
         )
 
     def validate(self) -> None:
