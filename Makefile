@@ -28,7 +28,7 @@ clean:
 
 # --- demo model (engineer D): `make run` shows moeinf on the packaged demo MoE, offline ----------------
 DEMO_PROMPT ?= def parse_args(argv):
-DEMO_RAM ?= 16MiB# expert cache budget: about 30% of the demo model's 192 experts
+DEMO_RAM ?= 25%# expert cache budget: a quarter of the demo model's 192 experts
 DEMO_BUILD := build/demo_model
 DEMO_DEBS := python3.11-doc bible-kjv bible-kjv-text
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
