@@ -87,7 +87,9 @@ def write_synthetic_checkpoint(
     total = shape.layers + 1
     save(
         {
-            "model.embed_tokens.weight": rand(vocab, d),
+            # Unit-scale embeddings: tokens then differ more than what attention mixes in, so routing
+            # varies from token to token instead of collapsing onto a context average.
+            "model.embed_tokens.weight": rand(vocab, d, std=1.0),
             "model.norm.weight": torch.ones(d, dtype=torch_dtype),
             "lm_head.weight": rand(vocab, d),
         },
