@@ -13,6 +13,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -311,6 +312,11 @@ static void run_job(job_t *j, int nth) {
     }
     pthread_once(&fork_once, install_fork_handler);
     pthread_mutex_lock(&pool.submit);
+    /* Workers block every signal (they inherit the mask at creation): a Ctrl-C must reach Python's
+       main thread, which may be asleep in readline; a worker taking it would leave it asleep. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     while (pool.workers < nth - 1 && pool.workers < MK_MAX_THREADS - 1) {
         pthread_t th;
         pthread_attr_t attr;
@@ -321,6 +327,7 @@ static void run_job(job_t *j, int nth) {
         if (rc != 0) break;
         pool.workers++;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     atomic_store(&pool.current, j);
     pthread_mutex_lock(&pool.lock);
     atomic_fetch_add(&pool.gen, 1);

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,9 @@ class TransferQueue:
             t.join()
 
     def _work(self) -> None:
+        # Signals are for the main thread (Ctrl-C must interrupt the model or the REPL, not a reader).
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         while True:
             with self._cv:
                 while True:
