@@ -57,3 +57,11 @@ def test_replay_shape_mismatch_is_clear():
     trace = make_trace([np.tile(np.array([0, 1], np.int16), (2, 3, 1))], num_experts=4)
     with pytest.raises(InvalidTrace, match="3 layers x 4 experts, top-2; this model has 2 MoE layers"):
         RoutingReplay(trace, num_moe_layers=2, num_experts=4, top_k=2)
+
+
+def test_replay_says_it_replaces_routing():
+    experts = np.array([[[0, 1]]], dtype=np.int16)
+    replay = RoutingReplay(make_trace([experts], num_experts=4), num_moe_layers=1, num_experts=4, top_k=2)
+    rec = RoutingRecorder(1, 4, 2)
+    assert replay.replaces_routing and not rec.replaces_routing
+    assert HookChain([replay, rec]).replaces_routing and not HookChain([rec]).replaces_routing

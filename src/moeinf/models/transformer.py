@@ -44,6 +44,7 @@ class DecoderLayer(nn.Module):
         # (next MoE layer's post-attention norm, its router, its index, provider), set by enable_lookahead.
         self.lookahead: tuple | None = None
         self.lookahead_k = spec.top_k
+        self.lookahead_on = True
         if self.is_moe:
             self.moe = MoEBlock(spec, layer, provider, spec.moe_layers.index(layer))
         else:
@@ -51,7 +52,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rotary, start_pos, cache, masks) -> torch.Tensor:
         h = x + self.attn(self.input_norm(x), rotary, start_pos, cache, masks[self.attn.window])
-        if self.lookahead is not None and h.shape[0] == 1:
+        if self.lookahead is not None and self.lookahead_on and h.shape[0] == 1:
             # Decode: the next MoE layer's router on this residual stream predicts its experts one
             # layer early (a hint for the cache policy; the real routing happens there as usual).
             norm, router, layer, provider = self.lookahead
@@ -120,6 +121,8 @@ class Decoder(nn.Module):
         for layer in self.layers:
             if layer.is_moe:
                 layer.moe.hook = hook
+            # Under replay the model's own router does not decide: its early guesses would be noise.
+            layer.lookahead_on = hook is None or not hook.replaces_routing
 
     def enable_lookahead(self, provider: LookaheadProvider) -> None:
         """Give `provider` each decode step's early prediction of the next MoE layer's experts."""

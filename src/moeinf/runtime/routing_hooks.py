@@ -19,6 +19,8 @@ from moeinf.runtime.trace import Trace, make_trace
 
 
 class RoutingHook(Protocol):
+    replaces_routing: bool  # True: the model's own router no longer decides (replay)
+
     def on_route(
         self, moe_index: int, weights: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +30,8 @@ class RoutingHook(Protocol):
 
 class RoutingRecorder:
     """Records ids (and weights) per token and MoE layer; one trace entry per request."""
+
+    replaces_routing = False
 
     def __init__(self, num_moe_layers: int, num_experts: int, top_k: int) -> None:
         self.num_moe_layers, self.num_experts, self.top_k = num_moe_layers, num_experts, top_k
@@ -79,6 +83,8 @@ class RoutingReplay:
     Without recorded weights each chosen expert gets weight 1/K.
     """
 
+    replaces_routing = True
+
     def __init__(self, trace: Trace, *, num_moe_layers: int, num_experts: int, top_k: int) -> None:
         got = (trace.num_layers, trace.num_experts, trace.top_k)
         want = (num_moe_layers, num_experts, top_k)
@@ -119,6 +125,7 @@ class HookChain:
 
     def __init__(self, hooks: Sequence[RoutingHook]) -> None:
         self.hooks = list(hooks)
+        self.replaces_routing = any(h.replaces_routing for h in self.hooks)
 
     def on_route(
         self, moe_index: int, weights: torch.Tensor, ids: torch.Tensor
