@@ -120,6 +120,8 @@ def test_repl_in_a_terminal(model):
         term.expect(">>> ")
         term.send("\x03")  # Ctrl-C at the prompt does not exit
         term.expect("Use Ctrl + d or /bye to exit.")
+        # Wait for the prompt: a ^D typed before readline takes the terminal is lost.
+        term.expect(">>> ")
         term.send("\x04")  # Ctrl-D exits (/bye is tested in test_repl.py)
         assert term.wait() == 0
     finally:
