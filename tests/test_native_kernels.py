@@ -182,25 +182,30 @@ def test_rejects_what_it_cannot_compute():
 
 def test_try_variants_compute_or_decline():
     g = torch.Generator().manual_seed(5)
-    x, w, b = torch.randn(2, 17, generator=g), torch.randn(5, 17, generator=g), torch.randn(5, generator=g)
+    bf16 = torch.bfloat16
+    x, b = torch.randn(2, 17, generator=g), torch.randn(5, generator=g)
+    w = torch.randn(5, 17, generator=g).to(bf16)
     assert torch.equal(kernels.try_linear(x, w, b), kernels.linear(x, w, b))
-    gate, up, down = torch.randn(9, 17, generator=g), torch.randn(9, 17, generator=g), torch.randn(17, 9)
+    gate, up = torch.randn(9, 17, generator=g).to(bf16), torch.randn(9, 17, generator=g).to(bf16)
+    down = torch.randn(17, 9).to(bf16)
     assert torch.equal(
         kernels.try_expert_forward(x, gate, up, down), kernels.expert_forward(x, gate, up, down)
     )
     many = torch.randn(kernels.MAX_TOKENS + 1, 17, generator=g)
     declined = [
+        kernels.try_linear(x, w.float()),  # fp32 weights: torch reads them at full speed
+        kernels.try_expert_forward(x, gate.float(), up.float(), down.float()),
         kernels.try_linear(many, w),  # prefill: torch
         kernels.try_linear(x.double(), w.double()),
-        kernels.try_linear(x, torch.randn(17, 5).T),
-        kernels.try_linear(x, torch.randn(5, 16)),
+        kernels.try_linear(x, torch.randn(17, 5).to(bf16).T),
+        kernels.try_linear(x, torch.randn(5, 16).to(bf16)),
         kernels.try_expert_forward(many, gate, up, down),
         kernels.try_expert_forward(x, gate, up.half(), down),
         kernels.try_expert_forward(x, gate, up, down.T.contiguous().T),
-        kernels.try_expert_forward(x, gate, up, torch.randn(9, 17)),
+        kernels.try_expert_forward(x, gate, up, torch.randn(9, 17).to(bf16)),
     ]
     assert all(y is None for y in declined)
-    trained = torch.randn(5, 17, requires_grad=True)
+    trained = torch.randn(5, 17, dtype=bf16, requires_grad=True)
     assert kernels.try_linear(x, trained) is None  # autograd needs torch
     with torch.no_grad():
         assert kernels.try_linear(x, trained) is not None

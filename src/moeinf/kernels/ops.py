@@ -18,6 +18,10 @@ from moeinf.kernels.build import Native, load, reason
 MAX_TOKENS = 8  # above this, torch (BLAS) is the faster path
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ERRORS = {1: "unsupported weight dtype", 2: "bad shape", 3: "out of memory"}
+# The decode path (try_*) takes half-precision weights only: torch reads fp32 weights at full memory
+# bandwidth here, and measured faster than these kernels at 2 threads on an idle machine (a ~1 GB
+# fp32 model: 60 vs 36 tokens/s, scripts/bench_vs_transformers.py); bf16/f16 are where torch is slow.
+_DECODE_DTYPES = {dtype: code for dtype, code in _DTYPES.items() if dtype != torch.float32}
 
 
 def available() -> bool:
@@ -58,7 +62,7 @@ def try_linear(
     The decode-path entry: one pass of cheap checks, no exceptions (a Python-level call costs ~10 us,
     comparable to a small product).
     """
-    code = _DTYPES.get(weight.dtype)
+    code = _DECODE_DTYPES.get(weight.dtype)
     if code is None or x.dtype != torch.float32 or not x.is_cpu or not weight.is_cpu:
         return None
     if weight.dim() != 2 or not weight.is_contiguous() or x.dim() < 1:
@@ -95,7 +99,7 @@ def try_expert_forward(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor | None:
     """One SwiGLU expert on the native kernels when they apply (`accepts`), else None: use torch."""
-    code = _DTYPES.get(gate.dtype)
+    code = _DECODE_DTYPES.get(gate.dtype)
     if code is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() < 1:
         return None
     if not (gate.dtype == up.dtype == down.dtype) or not gate.is_cpu:
