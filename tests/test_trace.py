@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moeinf.errors import InvalidTrace
-from moeinf.runtime.trace import Trace, TraceRecorder, eam, make_trace, read_trace, write_trace
+from moeinf.runtime.trace import Trace, eam, make_trace, read_trace, write_trace
 
 SHARED = Path("/work/shared/traces/gpt-oss-20b.decode.dev.npz")
 
@@ -103,19 +103,24 @@ def test_shared_gpt_oss_trace_reads():
 
 
 def test_recorder_builds_the_trace_it_was_fed(tmp_path):
-    reqs = random_requests(missing_layer=0)  # layer 0 dense: never recorded
-    rec = TraceRecorder(3, 6, 2, model="tiny")
+    """The runtime's recorder (routing_hooks.RoutingRecorder) writes traces in this format."""
+    import torch
+
+    from moeinf.runtime.routing_hooks import RoutingRecorder
+
+    reqs = random_requests()
+    rec = RoutingRecorder(num_moe_layers=3, num_experts=6, top_k=2)
     for r in reqs:
-        for token in r:
-            for layer in (1, 2):
-                rec.record(layer, token[layer], probs=[0.75, 0.25])
+        for token in r:  # one decode step: every MoE layer routes one token
+            for layer in range(3):
+                rec.on_route(layer, torch.tensor([[0.75, 0.25]]), torch.from_numpy(token[layer][None]))
         rec.end_request()
-    tr = rec.trace()
+    tr = rec.trace(model="tiny")
     expected = make_trace(reqs, num_experts=6, model="tiny")
     assert np.array_equal(tr.experts, expected.experts)
     assert np.array_equal(tr.seq_offsets, expected.seq_offsets)
-    assert np.allclose(tr.probs[:, 1:], [0.75, 0.25]) and np.all(tr.probs[:, 0] == 0)
+    assert np.allclose(tr.probs, [0.75, 0.25])
     back = read_trace(write_trace(tr, tmp_path / "rec.npz"))
     assert back.meta["model"] == "tiny" and np.array_equal(back.eam(2), expected.eam(2))
-    with pytest.raises(InvalidTrace, match="no routing"):
-        TraceRecorder(3, 6, 2).trace()
+    with pytest.raises(InvalidTrace, match="at least one request"):
+        RoutingRecorder(3, 6, 2).trace()

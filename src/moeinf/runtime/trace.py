@@ -3,7 +3,7 @@
 A trace holds, per decoded token and layer, the routed expert ids (`experts [T, L, K]`, -1 where a
 token has no routed layer), optional router weights (`probs [T, L, K]`), request boundaries
 (`seq_offsets [S+1]`) and a JSON `meta` string with at least num_layers, num_experts and top_k.
-`TraceRecorder` builds one from routing as it happens (for `run`/`bench` to write); the simulator,
+routing_hooks.RoutingRecorder builds one from routing as it happens (run/bench); the simulator,
 the trace library and routing replay read it. numpy only.
 """
 
@@ -171,51 +171,3 @@ def make_trace(
     full = {"num_layers": int(L), "num_experts": int(num_experts), "top_k": int(K), **meta}
     p = np.concatenate(probs).astype(np.float32) if probs is not None else None
     return Trace(np.concatenate(requests).astype(np.int16), offsets, full, p)
-
-
-class TraceRecorder:
-    """Builds a trace from routing as it happens: `record(layer, ids)` per MoE layer per decoded
-    token (a layer not above the previous one starts the next token), `end_request()` after each
-    request, then `trace()`. Layers never recorded for a token stay -1 (dense layers)."""
-
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, **meta) -> None:
-        self.meta = {"num_layers": num_layers, "num_experts": num_experts, "top_k": top_k, **meta}
-        self._requests: list[np.ndarray] = []
-        self._probs: list[np.ndarray] = []
-        self._rows: list[np.ndarray] = []  # this request: [L, K] per token
-        self._prob_rows: list[np.ndarray] = []
-        self._last_layer = num_layers
-        self._with_probs: bool | None = None
-
-    def record(self, layer: int, expert_ids, probs=None) -> None:
-        L, K = self.meta["num_layers"], self.meta["top_k"]
-        if layer <= self._last_layer:
-            self._rows.append(np.full((L, K), -1, dtype=np.int16))
-            self._prob_rows.append(np.zeros((L, K), dtype=np.float32))
-        self._last_layer = layer
-        ids = np.asarray(expert_ids, dtype=np.int16).reshape(-1)[:K]
-        self._rows[-1][layer, : len(ids)] = ids
-        if self._with_probs is None:
-            self._with_probs = probs is not None
-        if probs is not None:
-            self._prob_rows[-1][layer, : len(ids)] = np.asarray(probs, dtype=np.float32).reshape(-1)[:K]
-
-    def end_request(self) -> None:
-        if self._rows:
-            self._requests.append(np.stack(self._rows))
-            self._probs.append(np.stack(self._prob_rows))
-        self._rows, self._prob_rows = [], []
-        self._last_layer = self.meta["num_layers"]
-
-    def trace(self) -> Trace:
-        """The requests recorded so far (an unfinished one is ended first)."""
-        self.end_request()
-        if not self._requests:
-            raise InvalidTrace("no routing was recorded")
-        L, K = self.meta["num_layers"], self.meta["top_k"]
-        experts = np.concatenate(self._requests)
-        offsets = np.zeros(len(self._requests) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(r) for r in self._requests])
-        probs = np.concatenate(self._probs) if self._with_probs else None
-        assert experts.shape[1:] == (L, K)
-        return Trace(experts, offsets, dict(self.meta), probs)
