@@ -15,20 +15,22 @@ from safetensors.torch import load_file
 from moeinf.errors import CorruptExpertFile
 from moeinf.runtime.expert_cache import ExpertCache
 from moeinf.runtime.expert_key import ExpertKey
-from moeinf.runtime.expert_store import DATA_OFFSET, ExpertLayout, ExpertReader, expert_file_header
+from moeinf.runtime.expert_store import DATA_OFFSET, ExpertLayout, ExpertReader
 from moeinf.runtime.policy import make_policy
+from moeinf.tensorfile import DTYPE_CODES, OutTensor, data_start, from_bytes, write_tensor_file
 
 LAYERS, EXPERTS, HIDDEN, EXPERT_DIM = 3, 8, 48, 40
 
 
 def write_expert(path: Path, layout: ExpertLayout, gen: torch.Generator) -> None:
+    """An expert file written by the store's own writer (what reshard uses)."""
     dtype = getattr(torch, layout.dtype)
-    data = b"".join(
-        torch.randn(shape, generator=gen).to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
-        for shape in layout.shapes.values()
-    )
+    tensors = []
+    for name, shape in layout.shapes.items():
+        data = torch.randn(shape, generator=gen).to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
+        tensors.append(OutTensor(name, DTYPE_CODES[layout.dtype], shape, len(data), from_bytes(data)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(expert_file_header(layout) + data)
+    write_tensor_file(path, tensors)
 
 
 def make_store(root: Path, dtype: str = "float32") -> tuple[ExpertLayout, callable]:
@@ -73,8 +75,7 @@ def collect(cache, layer, ids, path_of, dtype=torch.float32):
 
 def test_header_matches_safetensors_and_is_aligned(store):
     layout, path_of = store
-    header = expert_file_header(layout)
-    assert len(header) == DATA_OFFSET
+    assert data_start(path_of(0, 0)) == DATA_OFFSET
     assert path_of(0, 0).stat().st_size == layout.file_bytes
     assert set(load_file(str(path_of(0, 0)))) == {"gate_proj", "up_proj", "down_proj"}
 

@@ -63,21 +63,6 @@ class ExpertLayout:
         return round_up(self.file_bytes)
 
 
-def expert_file_header(layout: ExpertLayout) -> bytes:
-    """The header every expert file of `layout` starts with: 8-byte length + JSON padded to DATA_OFFSET."""
-    dtype, itemsize = _DTYPES[layout.dtype]
-    entries, offset = {}, 0
-    for name in PROJ_ORDER:
-        shape = layout.shapes[name]
-        size = shape[0] * shape[1] * itemsize
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    if 8 + len(text) > DATA_OFFSET:
-        raise ValueError("expert header does not fit in one page")
-    return struct.pack("<Q", DATA_OFFSET - 8) + text.ljust(DATA_OFFSET - 8, b" ")
-
-
 def check_header(raw: bytes | memoryview, layout: ExpertLayout, file_size: int, path: Path) -> None:
     """Validate an expert file's safetensors header against the model's layout; name the file if bad."""
 
