@@ -126,6 +126,19 @@ def check_activation(config: Mapping[str, Any]) -> None:
         raise InvalidSpec(f"unsupported activation {act!r} (only silu)")
 
 
+def common_fields(config: Mapping[str, Any], *, rms_norm_eps: float) -> dict[str, Any]:
+    """The ModelSpec fields every family reads the same way (rms_norm_eps: the family's default)."""
+    return {
+        "vocab_size": need(config, "vocab_size"),
+        "hidden_size": need(config, "hidden_size"),
+        "num_layers": need(config, "num_hidden_layers"),
+        "dtype": checkpoint_dtype(config),
+        "max_position_embeddings": need(config, "max_position_embeddings"),
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "rms_norm_eps": float(config.get("rms_norm_eps", rms_norm_eps)),
+    }
+
+
 def checkpoint_dtype(config: Mapping[str, Any]) -> str:
     """The dtype the checkpoint declares (v5 `dtype`, v4 `torch_dtype`); float32 when absent."""
     return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")

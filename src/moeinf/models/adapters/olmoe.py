@@ -44,18 +44,12 @@ class OlmoeAdapter:
         )
         return ModelSpec(
             family=self.family,
-            vocab_size=base.need(config, "vocab_size"),
-            hidden_size=d,
-            num_layers=layers,
+            **base.common_fields(config, rms_norm_eps=1e-5),
             num_experts=config.get("num_experts") or base.need(config, "num_local_experts"),
             top_k=base.need(config, "num_experts_per_tok"),
             expert_dim=base.need(config, "intermediate_size"),
             moe_layers=tuple(range(layers)),
             dense_dim=0,
-            dtype=base.checkpoint_dtype(config),
-            max_position_embeddings=base.need(config, "max_position_embeddings"),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
             attention=attention,
             routing=RoutingSpec(scoring="softmax", renormalize=bool(config.get("norm_topk_prob", False))),
         )
