@@ -127,15 +127,20 @@ MK_AVX2 static inline float hsum(__m256 v) {
 
 /* R rows (1 or 4) x NT tokens (1 or 2) of dot products: R*NT independent accumulators keep the FMA
  * units busy while the weight rows stream in; the K tail (K % 8) is finished in scalar code. */
-#define AVX2_ROWS(NAME, WLOAD, SLOAD)                                                                     \
+#define AVX2_ROWS(NAME, WLOAD, SLOAD, ES)                                                                 \
     MK_AVX2 static inline __attribute__((always_inline)) void NAME##_block(                              \
         const float *x, int64_t t, int nt, int64_t K, const void *w, int64_t n, int r, float *y,        \
         int64_t N, const epilogue_t *ep) {                                                               \
         __m256 acc[4][2];                                                                                \
         for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                        \
         const float *x0 = x + t * K, *x1 = x + (t + (nt > 1)) * K;                                       \
+        /* The next r rows, fetched while these are multiplied: short rows end the hardware             \
+           prefetcher's streams before it has ramped up. */                                              \
+        const char *pf = (const char *)w + (n + r) * K * ES;                                             \
         int64_t k = 0;                                                                                   \
         for (; k + 8 <= K; k += 8) {                                                                     \
+            for (int64_t off = k * r * ES; off < (k + 8) * r * ES; off += 64)                            \
+                _mm_prefetch(pf + off, _MM_HINT_T1);                                                     \
             __m256 a = _mm256_loadu_ps(x0 + k), b = _mm256_loadu_ps(x1 + k);                             \
             for (int i = 0; i < r; i++) {                                                                \
                 __m256 wv = WLOAD(w, (n + i) * K + k);                                                   \
@@ -166,9 +171,9 @@ MK_AVX2 static inline float hsum(__m256 v) {
             if (t < T) NAME##_block(x, t, 1, K, w, n, 1, y, N, ep);                                      \
         }                                                                                                \
     }
-AVX2_ROWS(rows_f32_avx2, wload_f32, load_f32)
-AVX2_ROWS(rows_bf16_avx2, wload_bf16, load_bf16)
-AVX2_ROWS(rows_f16_avx2, wload_f16, load_f16)
+AVX2_ROWS(rows_f32_avx2, wload_f32, load_f32, 4)
+AVX2_ROWS(rows_bf16_avx2, wload_bf16, load_bf16, 2)
+AVX2_ROWS(rows_f16_avx2, wload_f16, load_f16, 2)
 
 static int cpu_has_avx2(void) {
     __builtin_cpu_init();

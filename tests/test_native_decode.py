@@ -37,15 +37,24 @@ def test_bf16_slots_with_fp32_activations_match_transformers_upcast(family, tmp_
         device=torch.device("cpu"),
         dtype=torch.bfloat16,  # raw slots: the file image, no fp32 copy
     )
-    calls = {"native": 0}
-    real = kernels.try_expert_forward
+    calls = {"native": 0, "linear": 0, "torch_threads": set()}
+    real, real_linear = kernels.try_expert_forward, kernels.try_linear
 
     def counting(x, gate, up, down):
         y = real(x, gate, up, down)
         calls["native"] += y is not None
+        calls["torch_threads"].add((x.shape[0], torch.get_num_threads()))
+        return y
+
+    def counting_linear(x, weight, bias=None):
+        y = real_linear(x, weight, bias)
+        calls["linear"] += y is not None
         return y
 
     monkeypatch.setattr(kernels, "try_expert_forward", counting)
+    monkeypatch.setattr(kernels, "try_linear", counting_linear)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
         decoder = load_decoder(stored, cache, device="cpu", dtype=torch.float32, max_seq_len=64)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # bf16 -> fp32
@@ -63,8 +72,39 @@ def test_bf16_slots_with_fp32_activations_match_transformers_upcast(family, tmp_
                 got_logits.append(decoder(torch.tensor(tokens[-1:]), len(tokens) - 1)[-1])
     finally:
         cache.close()
+        torch.set_num_threads(threads)
     assert tokens == want.tolist()
     diff = (torch.stack(got_logits) - want_logits[PROMPT - 1 : PROMPT - 1 + NEW]).abs().max().item()
     assert diff < 1e-4
     if kernels.available():
-        assert calls["native"] > 0
+        assert calls["native"] > 0 and calls["linear"] > 0
+        # dense projections stay bf16 as stored (the kernels widen them); norms and embeddings fp32
+        attn = decoder.layers[0].attn
+        assert attn.q_proj.weight.dtype == torch.bfloat16 and decoder.lm_head.weight.dtype == torch.bfloat16
+        assert decoder.norm.weight.dtype == torch.float32 and decoder.native_decode
+        # decode steps ran with torch single-threaded (its spinning pool would take our cores)...
+        assert (1, 1) in calls["torch_threads"]
+        # ...and prefill (12 tokens, torch's BLAS) with the threads it had
+        assert 2 in {threads for _, threads in calls["torch_threads"]}
+    else:
+        assert not decoder.native_decode
+
+
+def test_decode_threads_lends_torchs_threads_to_the_kernels():
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    from moeinf.kernels import ops
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with kernels.decode_threads():
+            assert torch.get_num_threads() == 1 and ops._threads(None) == 3
+            x, w = torch.randn(1, 64), torch.randn(40, 64).to(torch.bfloat16)
+            assert torch.allclose(kernels.try_linear(x, w), x @ w.float().T, atol=1e-5)
+        assert torch.get_num_threads() == 3 and ops._threads(None) == 3
+        with pytest.raises(RuntimeError), kernels.decode_threads():
+            raise RuntimeError("a failing step")
+        assert torch.get_num_threads() == 3  # restored on errors too
+    finally:
+        torch.set_num_threads(before)

@@ -4,12 +4,16 @@
 accumulate in fp32. `accepts(...)` is the dispatch predicate callers use to choose between these and
 torch: small token counts only (decode; prefill and large batches are compute bound and BLAS wins).
 The kernels use torch.get_num_threads() threads unless told otherwise and run while torch's own pool
-is idle (a call returns only when its threads are done), so the two pools never run at once.
+is idle (a call returns only when its threads are done); a decode step runs inside `decode_threads()`,
+which makes torch single-threaded so that its spinning OpenMP workers leave the cores to ours.
 
 Dimensions: T tokens, K input features, N output features, D hidden, I expert hidden.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -22,6 +26,7 @@ _ERRORS = {1: "unsupported weight dtype", 2: "bad shape", 3: "out of memory"}
 # bandwidth here, and measured faster than these kernels at 2 threads on an idle machine (a ~1 GB
 # fp32 model: 60 vs 36 tokens/s, scripts/bench_vs_transformers.py); bf16/f16 are where torch is slow.
 _DECODE_DTYPES = {dtype: code for dtype, code in _DTYPES.items() if dtype != torch.float32}
+_threads_setting: int | None = None  # inside decode_threads(); None: follow torch.get_num_threads()
 
 
 def available() -> bool:
@@ -40,6 +45,27 @@ def describe() -> str:
 def set_simd(enabled: bool) -> bool:
     """Force the scalar path (False) or the best one the CPU has (True); returns whether SIMD is on."""
     return bool(_lib().lib.mk_set_simd(int(enabled)))
+
+
+@contextmanager
+def decode_threads() -> Iterator[None]:
+    """Run a decode step: torch single-threaded, the kernels on the threads torch had.
+
+    Decode on the native path leaves torch only small ops (norms, rope, attention over one query).
+    torch's OpenMP workers spin for a while after each parallel region and would take the cores
+    from the kernels' workers on a small machine (measured on 2 cores: 90 -> 72 ms per token).
+    """
+    global _threads_setting
+    before, n = _threads_setting, torch.get_num_threads()
+    _threads_setting = before if before is not None else n
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _threads_setting = before
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 def accepts(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -89,7 +115,7 @@ def try_linear(
         n,
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),
-        torch.get_num_threads(),
+        _threads(None),
     )
     _raise_for(rc)
     return y
@@ -131,7 +157,7 @@ def try_expert_forward(
         None,
         0,
         y.data_ptr(),
-        torch.get_num_threads(),
+        _threads(None),
     )
     _raise_for(rc)
     return y
@@ -253,7 +279,9 @@ def _output(out: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _threads(threads: int | None) -> int:
-    return max(1, threads if threads is not None else torch.get_num_threads())
+    if threads is None:
+        threads = _threads_setting if _threads_setting is not None else torch.get_num_threads()
+    return max(1, threads)
 
 
 def _raise_for(rc: int) -> None:

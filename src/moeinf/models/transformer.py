@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from moeinf import kernels
 from moeinf.errors import ContextTooLong
 from moeinf.models.attention import GQAAttention, MLAAttention, causal_mask
 from moeinf.models.layers import MLP, Linear, RMSNorm
@@ -71,6 +72,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.max_seq_len = 0
+        self.native_decode = False
         # Long prefills run in chunks: attention scores are [H, chunk, S], not [H, T, S].
         self.prefill_chunk = PREFILL_CHUNK
 
@@ -100,16 +102,22 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"dense weights do not match the spec: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        keep_half = _native_half_weights(decoder, device, dtype)
         state = {}
         for name, tensor in dense.items():
             if tuple(tensor.shape) != expected[name]:
                 raise ValueError(
                     f"dense tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
                 )
-            state[name] = tensor.to(device=device, dtype=weight_dtype(spec, name, dtype))
+            wanted = weight_dtype(spec, name, dtype)
+            if name in keep_half and tensor.dtype in HALF_DTYPES:
+                wanted = tensor.dtype  # the native kernels read it as stored: half the bytes per token
+            state[name] = tensor.to(device=device, dtype=wanted)
         if spec.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         decoder.load_state_dict(state, strict=True, assign=True)
+        # Decode steps run on the native kernels (half weights kept as stored): see forward.
+        decoder.native_decode = any(state[name].dtype in HALF_DTYPES for name in keep_half if name in state)
         decoder.requires_grad_(False)
         decoder.rotary = RotaryTable(spec.attention.rope, max_seq_len, device, dtype)
         decoder.caches = kv_cache.allocate(spec, max_seq_len, device, dtype)
@@ -155,6 +163,13 @@ class Decoder(nn.Module):
                 for i in range(0, t, step)
             ]
             return chunks[-1] if last_only else torch.cat(chunks)
+        if self.native_decode and t <= kernels.MAX_TOKENS:
+            with kernels.decode_threads():
+                return self._forward(tokens, start_pos, last_only)
+        return self._forward(tokens, start_pos, last_only)
+
+    def _forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
+        t = tokens.shape[0]
         windows = {layer.attn.window for layer in self.layers}
         masks = {w: causal_mask(start_pos, t, w, self.device) for w in windows}
         x = self.embed_tokens(tokens.to(self.device))  # [T, D]
@@ -163,6 +178,21 @@ class Decoder(nn.Module):
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()  # [T, V]
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _native_half_weights(decoder: Decoder, device: torch.device, dtype: torch.dtype) -> set[str]:
+    """Names of the projection weights to keep in a stored half dtype: on the CPU with fp32 compute
+    and the native kernels, decode reads them once per token widened in registers (exact in fp32
+    accumulation); prefill upcasts them per call. Tied embeddings stay in the compute dtype."""
+    if device.type != "cpu" or dtype != torch.float32 or not kernels.available():
+        return set()
+    names = {f"{name}.weight" for name, m in decoder.named_modules() if isinstance(m, Linear)}
+    if decoder.spec.tie_word_embeddings:
+        names.discard("lm_head.weight")
+    return names
 
 
 def weight_dtype(spec: ModelSpec, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -195,7 +225,13 @@ def load_decoder(
 
     spec: ModelSpec = stored_model.manifest.spec
     device = torch.device(device)
+    may_keep_half = device.type == "cpu" and dtype == torch.float32 and kernels.available()
+    dense = {}
     with safe_open(str(stored_model.dense_path), framework="pt") as f:
-        # convert tensor by tensor so that at most one file-dtype tensor is alive at a time
-        dense = {name: f.get_tensor(name).to(device, weight_dtype(spec, name, dtype)) for name in f.keys()}
+        # convert tensor by tensor so that at most one file-dtype tensor is alive at a time; half
+        # tensors that Decoder.build may keep as stored (projections for the native kernels) wait
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            keep = may_keep_half and tensor.dtype in HALF_DTYPES
+            dense[name] = tensor.to(device) if keep else tensor.to(device, weight_dtype(spec, name, dtype))
     return Decoder.build(spec, dense, provider, device=device, dtype=dtype, max_seq_len=max_seq_len)
