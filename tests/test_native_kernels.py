@@ -8,6 +8,7 @@ fp32, so every dtype must show only fp32-accumulation error. Skipped when the li
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 
 import pytest
@@ -250,3 +251,27 @@ def test_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
     finally:
         monkeypatch.delenv("MOEINF_NATIVE_DIR")
         build.reset()
+
+
+@pytest.mark.slow
+def test_a_regular_install_ships_the_source_and_a_library_built_at_install(tmp_path):
+    """`pip install .` (through a wheel) compiles the kernels at build time (setup.py) and ships the C
+    source too; the installed package loads that library without compiling anything."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, root], check=True)
+    (wheel,) = wheels.glob("moeinf-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"moeinf/kernels/moeinf_kernels.c", "moeinf/kernels/libmoeinf_kernels.so"} <= names
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True)
+    probe = "import moeinf.kernels as k; print(k.describe())"
+    env = {**os.environ, "PYTHONPATH": str(target), "MOEINF_NATIVE_DIR": str(tmp_path / "no-cache")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert "built at install" in out.stdout and str(target) in out.stdout, out.stdout + out.stderr
+    assert not (tmp_path / "no-cache").exists()  # nothing compiled at run time

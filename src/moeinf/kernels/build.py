@@ -1,8 +1,10 @@
 """Building and loading the native kernel library (native/moeinf_kernels.c) with ctypes.
 
-The library is compiled on first use with the system C compiler into a cache directory keyed by a
-hash of the source, the flags and the compiler, so an editable install, a fresh CI venv and a
-changed source all rebuild exactly once (concurrent processes race harmlessly: write, then rename).
+A regular install (`pip install .`) compiles the library at build time (setup.py) and ships the
+source beside it. Otherwise (editable installs, no compiler at build time, a library built for another
+machine) it is compiled on first use with the system C compiler into a cache directory keyed by a
+hash of the source, the flags and the compiler, so a fresh CI venv and a changed source rebuild
+exactly once (concurrent processes race harmlessly: write, then rename).
 Without a compiler, without the source, or with MOEINF_NATIVE=0, `load()` returns None and says why;
 callers then use torch. No torch here.
 """
@@ -48,12 +50,19 @@ _state: _State | None = None
 
 
 def source_path() -> Path | None:
-    """native/moeinf_kernels.c of the source tree this package runs from (editable installs, checkouts)."""
+    """The C source: native/ of the source tree this package runs from (editable installs, checkouts),
+    else the copy the package build put next to this module (wheels, `pip install .`)."""
     here = Path(__file__).resolve()
-    for candidate in (here.parent / SOURCE_NAME, here.parents[3] / "native" / SOURCE_NAME):
+    for candidate in (here.parents[3] / "native" / SOURCE_NAME, here.parent / SOURCE_NAME):
         if candidate.is_file():
             return candidate
     return None
+
+
+def prebuilt_path() -> Path | None:
+    """The library compiled by the package build (setup.py), when the install has one."""
+    candidate = Path(__file__).resolve().parent / LIBRARY_NAME
+    return candidate if candidate.is_file() else None
 
 
 def find_compiler() -> str | None:
@@ -117,9 +126,23 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mk_expert_forward.restype = i32
 
 
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    return lib
+
+
 def _load() -> _State:
     if not settings.native_enabled():
         return _State(None, "turned off by MOEINF_NATIVE=0")
+    prebuilt = prebuilt_path()
+    if prebuilt is not None:
+        try:
+            lib = _open(prebuilt)
+            if lib.mk_version() == VERSION:
+                return _State(Native(lib, prebuilt), "built at install")
+        except (OSError, AttributeError):
+            pass  # built for another machine or an older version: compile from source below
     source = source_path()
     if source is None:
         return _State(None, f"source {SOURCE_NAME} not found next to the package")
@@ -131,8 +154,7 @@ def _load() -> _State:
             path = build(source, cc, settings.native_dir())
         except OSError:  # an unwritable cache dir (read-only home on some CI runners): use the temp dir
             path = build(source, cc, Path(tempfile.gettempdir()) / f"moeinf-native-{os.getuid()}")
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
+        lib = _open(path)
     except subprocess.CalledProcessError as e:
         first = (e.stderr or "").strip().splitlines()[:1]
         return _State(None, f"compiling with {cc} failed: {first[0] if first else e.returncode}")
