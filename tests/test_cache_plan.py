@@ -57,3 +57,17 @@ def test_default_budget_is_explained(spec):
     p = plan(spec)
     assert p.slots >= spec.top_k
     assert any("default" in line for line in describe(p))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_naive_plans_no_cache_on_either_device(spec, device, monkeypatch):
+    """naive keeps nothing: no compute-tier slots (only top-k scratch slots, refilled per layer) and on
+    CUDA only a top-k pinned staging area in RAM, whatever the budgets say."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**34, 2**34))
+    budgets = {"ram_mem": "50%", "gpu_mem": "50%"}
+    p = plan_cache(
+        spec, dense_bytes=1000, device=torch.device(device), dtype=torch.float32, policy="naive", **budgets
+    )
+    assert p.slots == 0 and p.scratch_slots == spec.top_k
+    assert p.host_slots == (spec.top_k if device == "cuda" else 0)
+    assert any("naive: no expert cache" in line for line in describe(p))

@@ -110,6 +110,24 @@ def plan_cache(
         )
         return slots
 
+    if policy == "naive":
+        # No cache: the compute tier has only scratch slots, filled per layer and dropped; on CUDA a
+        # pinned staging area of top-k slots sits in front (every layer refills it: no reuse survives).
+        reasons.append("naive: no expert cache; every routed expert is read on demand and dropped")
+        cuda = device.type == "cuda"
+        return CachePlan(
+            device,
+            dtype,
+            layout,
+            policy,
+            0,
+            slot_bytes_for(layout, dtype),
+            spec.top_k if cuda else 0,
+            layout.read_bytes if cuda else 0,
+            top_k=spec.top_k,
+            scratch_slots=spec.top_k,
+            reasons=reasons,
+        )
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         gpu_slot = slot_bytes_for(layout, dtype)
@@ -122,19 +140,6 @@ def plan_cache(
     if gpu_mem is not None:
         reasons.append("--gpu-mem ignored: no CUDA device in use")
     cpu_slot = slot_bytes_for(layout, dtype)
-    if policy == "naive":
-        reasons.append("naive: no expert cache; every routed expert is read on demand and dropped")
-        return CachePlan(
-            device,
-            dtype,
-            layout,
-            policy,
-            0,
-            cpu_slot,
-            top_k=spec.top_k,
-            scratch_slots=spec.top_k,
-            reasons=reasons,
-        )
     slots = tier(ram_mem, available_ram(), dense_bytes, cpu_slot, "RAM")
     return CachePlan(device, dtype, layout, policy, slots, cpu_slot, top_k=spec.top_k, reasons=reasons)
 
