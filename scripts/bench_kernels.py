@@ -6,7 +6,8 @@ Decode at batch 1 is bound by reading weights, so the figure of merit is GB/s of
   that weights come from DRAM (make experts x expert size exceed the last-level cache)
 - matvec: lm_head-sized x W^T ([1, 768] x [32000, 768]) and [1, 2048] x [7168, 2048]
 Each measurement is repeated --rounds times, native and torch taking turns within a round so both see
-the same load; the median round is reported (the machine is shared: expect noise).
+the same load; the median round is reported (the machine is shared: expect noise). Native calls run as
+in a decode step (`kernels.decode_threads()`: torch single-threaded, the kernels on its threads).
 
     nice -n 19 .venv/bin/python scripts/bench_kernels.py [--experts 64] [--rounds 7] [--threads N]
 """
@@ -66,7 +67,8 @@ def bench_expert(dtype: torch.dtype, d: int, i: int, n: int, tokens: int, rounds
     nbytes = 3 * d * i * experts[0][0].element_size()
 
     def native(k: int) -> None:
-        kernels.expert_forward(x, *experts[k % n], out=out)
+        with kernels.decode_threads():  # as in a decode step: torch's spinning pool off our cores
+            kernels.expert_forward(x, *experts[k % n], out=out)
 
     def torch_path(k: int) -> None:
         gate, up, down = experts[k % n]
@@ -84,9 +86,14 @@ def bench_matvec(dtype: torch.dtype, n_out: int, k: int, rounds: int) -> dict[st
     x_t = x.to(dtype)
     out = torch.empty(1, n_out)
     nbytes = weights[0].numel() * weights[0].element_size()
+
+    def native(c: int) -> None:
+        with kernels.decode_threads():
+            kernels.linear(x, weights[c % copies], out=out)
+
     res = interleaved(
         {
-            "native": lambda c: kernels.linear(x, weights[c % copies], out=out),
+            "native": native,
             "torch": lambda c: F.linear(x_t, weights[c % copies]),
         },
         copies,
