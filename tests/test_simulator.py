@@ -185,3 +185,23 @@ def test_shared_trace_orders_policies():
         for name, opts in (("lru", {}), ("trace", {"library": lib}), ("oracle", {}))
     }
     assert fetches["oracle"] < fetches["trace"] < fetches["lru"]
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "trace", "oracle"])
+@pytest.mark.parametrize("capacity", [0.25, 0.5])
+def test_batched_accesses_equal_per_key_calls(name, capacity):
+    # The simulator's fast path (on_accesses, once per layer call) must decide exactly as the per-key
+    # on_access calls the cache makes: a subclass that overrides on_access forces the per-key path.
+    tr = random_trace(seed=3, requests=4, T=30, L=4, E=8, K=2)
+    fast = make_sim_policy(name, tr)
+
+    class PerKey(type(fast)):
+        def on_access(self, key, hit):
+            super().on_access(key, hit)
+
+    slow = PerKey(tr.experts, tr.num_experts) if name == "oracle" else PerKey()
+    got, want = [], []
+    a = simulate(tr, fast, capacity=capacity, on_fetch=lambda k, pf: got.append((k, pf)))
+    b = simulate(tr, slow, capacity=capacity, on_fetch=lambda k, pf: want.append((k, pf)))
+    assert len(got) > 8 * 4 // 2  # evictions happened
+    assert got == want and (a.bypasses, a.time_ms) == (b.bypasses, b.time_ms)

@@ -1,7 +1,8 @@
 """The policy simulator: replays a routing trace through a cache policy and counts what moves.
 
 It drives the very policy objects the runtime uses, with the hook order of `runtime.expert_cache`:
-for each layer of each token, `on_access` for every routed expert; each miss then takes a free slot,
+for each layer of each token, `on_access` for every routed expert (one `on_accesses` call for
+them when the policy has one: the same calls, batched); each miss then takes a free slot,
 or, when there is none, either bypasses (`should_bypass`: fetched into a scratch slot, never
 resident) or takes the slot of the victim `choose_victim` names among resident experts the running
 layer does not use (those are pinned in the real cache); then `plan_prefetch(layer, ids)` and each
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from moeinf.errors import BadOption
 from moeinf.runtime.expert_key import ExpertKey
-from moeinf.runtime.policy import Policy, make_policy
+from moeinf.runtime.policy import Policy, PolicyBase, make_policy
 from moeinf.runtime.trace import Trace
 
 
@@ -95,6 +98,52 @@ def make_sim_policy(name: str, trace: Trace, **options) -> Policy:
     return make_policy(name, **options)
 
 
+def _owner(cls: type, name: str) -> type | None:
+    """The class in `cls`'s MRO that defines `name`."""
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
+def _batched_access(policy: Policy) -> Callable[[Sequence[ExpertKey], Sequence[ExpertKey]], None]:
+    """`on_accesses(keys, missed)` of the policy when it is at least as specific as its `on_access` (a
+    subclass that overrides only `on_access` gets it called per key), else a per-key loop over it."""
+    batched, single = _owner(type(policy), "on_accesses"), _owner(type(policy), "on_access")
+    if batched is not None and single is not None and issubclass(batched, single):
+        return policy.on_accesses  # type: ignore[attr-defined]
+    on_access = policy.on_access
+
+    def each(keys: Sequence[ExpertKey], missed: Sequence[ExpertKey]) -> None:
+        for k in keys:
+            on_access(k, k not in missed)
+
+    return each
+
+
+def _default(policy: Policy, hook: str) -> bool:
+    """Whether `policy` keeps PolicyBase's no-op `hook`."""
+    return getattr(type(policy), hook, None) is getattr(PolicyBase, hook)
+
+
+def _layer_calls(
+    block: np.ndarray, keytab: list[ExpertKey], E: int, K: int
+) -> Iterable[tuple[int, tuple[ExpertKey, ...], tuple[int, ...]]]:
+    """The layer calls of one request's `experts [T, L, K]`, in order: (layer, keys, expert ids),
+    skipping -1 (and layers left with no expert)."""
+    T, L, _ = block.shape
+    if bool((block >= 0).all()):  # the common case: grouped by C-level zips, no Python loop
+        flat = (block.astype(np.int64) + np.arange(L, dtype=np.int64)[None, :, None] * E).reshape(-1)
+        keys = iter(list(map(keytab.__getitem__, flat.tolist())))
+        ids = iter(block.reshape(-1).tolist())
+        groups = zip(*[keys] * K, strict=False), zip(*[ids] * K, strict=False)
+        return zip(list(range(L)) * T, *groups, strict=True)
+    calls = []
+    for row in block.tolist():
+        for layer, row_ids in enumerate(row):
+            kept = tuple(e for e in row_ids if e >= 0)
+            if kept:
+                calls.append((layer, tuple(keytab[layer * E + e] for e in kept), kept))
+    return calls
+
+
 def simulate(
     trace: Trace,
     policy: Policy,
@@ -109,12 +158,12 @@ def simulate(
     fetch in order (for replay-equivalence tests)."""
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
     slots = slots_for(capacity, L, E, K, per_layer)
-    keys = [[ExpertKey(layer, e) for e in range(E)] for layer in range(L)]
+    keytab = [ExpertKey(layer, e) for layer in range(L) for e in range(E)]  # flat id -> the one key object
     # Residency: one free count for the shared pool, or one per layer.
     free = [slots // L] * L if per_layer else [slots]
     resident: set[ExpertKey] = set()
     prefetched: set[ExpertKey] = set()  # prefetched and not used yet
-    running: set[ExpertKey] = set()
+    run: tuple[ExpertKey, ...] = ()  # the running layer's experts (pinned); read by the can_evict closures
     C, X = float(compute_ms_per_layer), float(transfer_ms_per_expert)
     now = 0.0  # compute clock
     busy = 0.0  # the transfer channel is committed until then
@@ -122,27 +171,25 @@ def simulate(
     queued: set[ExpertKey] = set()
     ready_at: dict[ExpertKey, float] = {}  # started transfers: when they land
     accesses = misses = issued = used = wasted = bypasses = 0
-    on_access, choose_victim, on_insert, on_evict = (
-        policy.on_access,
-        policy.choose_victim,
-        policy.on_insert,
-        policy.on_evict,
-    )
-    plan_prefetch, should_bypass = policy.plan_prefetch, policy.should_bypass
+    on_accesses = _batched_access(policy)
+    choose_victim, on_insert, on_evict = policy.choose_victim, policy.on_insert, policy.on_evict
+    # Hooks a policy leaves at PolicyBase's no-op defaults are not called (same outcome, less time).
+    plan_prefetch = None if _default(policy, "plan_prefetch") else policy.plan_prefetch
+    should_bypass = None if _default(policy, "should_bypass") else policy.should_bypass
 
     if per_layer:
 
         def evictable_in(layer: int) -> Callable[[ExpertKey], bool]:
-            return lambda k: k[0] == layer and k not in running
+            return lambda k: k[0] == layer and k not in run
 
         can_evict_of = [evictable_in(layer) for layer in range(L)]
     else:
-        shared_can_evict = lambda k: k not in running  # noqa: E731
+        shared_can_evict = lambda k: k not in run  # noqa: E731
         can_evict_of = [shared_can_evict] * L
 
     def evict(victim: ExpertKey) -> None:
         nonlocal wasted
-        if victim not in resident or victim in running:
+        if victim not in resident or victim in run:
             raise RuntimeError(f"policy {policy.name} chose victim {victim} that is not evictable")
         resident.discard(victim)
         on_evict(victim)
@@ -158,84 +205,72 @@ def simulate(
             ready_at.pop(victim, None)
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    experts = trace.experts
     offsets = trace.seq_offsets.tolist()
-    layers = range(L)
     for r in range(trace.num_requests):
         policy.on_request_start()
-        block = experts[offsets[r] : offsets[r + 1]]
-        complete = bool((block >= 0).all())  # the common case: no -1 to skip
-        for row in block.tolist():
-            for layer in layers:
-                ids = row[layer]
-                if not complete:
-                    ids = [e for e in ids if e >= 0]
-                    if not ids:
-                        continue
-                layer_keys = keys[layer]
-                run = [layer_keys[e] for e in ids]
-                running.clear()
-                running.update(run)
-                ready = now
-                if queue:
-                    # Channel: queued prefetches that started before this layer's routing keep going.
-                    while queue and busy < now:
-                        k, at = queue.popleft()
-                        queued.discard(k)
-                        busy = (busy if busy > at else at) + X
-                        ready_at[k] = busy
-                missed = None
-                for k in run:
-                    if k in resident:
-                        on_access(k, True)
-                        if prefetched and k in prefetched:
-                            prefetched.discard(k)
-                            used += 1
-                            if k in queued:  # promoted to demand
-                                queued.discard(k)
-                                queue.remove(next(q for q in queue if q[0] == k))
-                                busy = (busy if busy > now else now) + X
-                                ready_at[k] = busy
-                        if ready_at:
-                            t = ready_at.get(k)
-                            if t is not None and t > ready:
-                                ready = t
+        for layer, run, ids in _layer_calls(trace.experts[offsets[r] : offsets[r + 1]], keytab, E, K):
+            accesses += len(run)
+            if queue:
+                # Channel: queued prefetches that started before this layer's routing keep going.
+                while queue and busy < now:
+                    k, at = queue.popleft()
+                    queued.discard(k)
+                    busy = (busy if busy > at else at) + X
+                    ready_at[k] = busy
+            ready = now
+            missed = None
+            for k in run:
+                if k not in resident:
+                    if missed is None:
+                        missed = [k]
                     else:
-                        on_access(k, False)
-                        if missed is None:
-                            missed = [k]
-                        else:
-                            missed.append(k)
-                accesses += len(run)
-                if missed is not None:
-                    pool = layer if per_layer else 0
-                    for k in missed:
-                        misses += 1
-                        busy = (busy if busy > now else now) + X
-                        if busy > ready:
-                            ready = busy
-                        if on_fetch is not None:
-                            on_fetch(k, False)
-                        if free[pool]:
-                            free[pool] -= 1
-                        elif should_bypass(k):  # asked only when a slot must be freed, as the cache does
-                            bypasses += 1
-                            continue
-                        else:
-                            victim = choose_victim(can_evict_of[layer])
-                            if victim is None:
-                                raise RuntimeError(f"policy {policy.name} found no victim for a demand miss")
-                            if prefetched or victim not in resident or victim in running:
-                                evict(victim)  # the general path, with its checks
-                            else:  # the hot path, inlined: a plain resident expert leaves
-                                resident.remove(victim)
-                                on_evict(victim)
-                        resident.add(k)
-                        on_insert(k)
+                        missed.append(k)
+            on_accesses(run, missed or ())
+            if prefetched or ready_at:
+                for k in run:
+                    if k in prefetched:
+                        prefetched.discard(k)
+                        used += 1
+                        if k in queued:  # promoted to demand
+                            queued.discard(k)
+                            queue.remove(next(q for q in queue if q[0] == k))
+                            busy = (busy if busy > now else now) + X
+                            ready_at[k] = busy
+                    t = ready_at.get(k)
+                    if t is not None and t > ready and (missed is None or k not in missed):
+                        ready = t
+            if missed:
+                pool = layer if per_layer else 0
+                for k in missed:
+                    misses += 1
+                    busy = (busy if busy > now else now) + X
+                    if busy > ready:
+                        ready = busy
+                    if on_fetch is not None:
+                        on_fetch(k, False)
+                    if free[pool]:
+                        free[pool] -= 1
+                    elif should_bypass is not None and should_bypass(
+                        k
+                    ):  # asked only when a slot must be freed, as the cache does
+                        bypasses += 1
+                        continue
+                    else:
+                        victim = choose_victim(can_evict_of[layer])
+                        if victim is None:
+                            raise RuntimeError(f"policy {policy.name} found no victim for a demand miss")
+                        if prefetched or victim not in resident or victim in run:
+                            evict(victim)  # the general path, with its checks
+                        else:  # the hot path, inlined: a plain resident expert leaves
+                            resident.remove(victim)
+                            on_evict(victim)
+                    resident.add(k)
+                    on_insert(k)
+            if plan_prefetch is not None:
                 plan = plan_prefetch(layer, ids)
                 if plan:
                     for k in plan:
-                        if k in resident or k in running:
+                        if k in resident or k in run:
                             continue
                         p = k[0] if per_layer else 0
                         if free[p]:
@@ -253,7 +288,7 @@ def simulate(
                         issued += 1
                         if on_fetch is not None:
                             on_fetch(k, True)
-                now = ready + C
+            now = ready + C
         policy.on_request_end()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     wasted += len(prefetched)

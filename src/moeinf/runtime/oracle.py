@@ -8,7 +8,7 @@ prefetches and never bypasses: the fewest demand fetches any replacement policy 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
 
 import numpy as np
 
@@ -60,6 +60,19 @@ class OraclePolicy(PolicyBase):
         self._when[key] = when
         if key in self._resident:
             self._push(when, key)
+
+    def on_accesses(self, keys: Sequence[ExpertKey], missed: Container[ExpertKey]) -> None:
+        i, seq, nxt, E = self._cursor, self._seq, self._next, self._E
+        when, resident = self._when, self._resident
+        for key in keys:
+            if i >= len(seq) or seq[i] != key[0] * E + key[1]:
+                raise ValueError(f"oracle replay diverged from its trace at access {i} ({key})")
+            w = when[key] = nxt[i]
+            i += 1
+            if key in resident:
+                self._cursor = i
+                self._push(w, key)
+        self._cursor = i
 
     def on_insert(self, key: ExpertKey) -> None:
         self._resident.add(key)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any, Protocol
 
 from moeinf.runtime.expert_key import ExpertKey
@@ -34,6 +34,10 @@ class Policy(Protocol):
 
     def on_access(self, key: ExpertKey, hit: bool) -> None:
         """The model used `key` (hit: it was resident or in flight when asked for)."""
+
+    def on_accesses(self, keys: Sequence[ExpertKey], missed: Container[ExpertKey]) -> None:
+        """One layer call's uses at once: the same as `on_access(k, k not in missed)` for each key in
+        order (the simulator's fast path; the cache calls `on_access`)."""
 
     def on_insert(self, key: ExpertKey) -> None:
         """`key` took a slot (demand fetch or prefetch)."""
@@ -69,6 +73,13 @@ class PolicyBase:
     def on_request_end(self) -> None:
         pass
 
+    def on_access(self, key: ExpertKey, hit: bool) -> None:
+        pass
+
+    def on_accesses(self, keys: Sequence[ExpertKey], missed: Container[ExpertKey]) -> None:
+        for key in keys:
+            self.on_access(key, key not in missed)
+
     def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
         return []
 
@@ -90,6 +101,13 @@ class LruPolicy(PolicyBase):
     def on_access(self, key: ExpertKey, hit: bool) -> None:
         if key in self._order:
             self._order.move_to_end(key)
+
+    def on_accesses(self, keys: Sequence[ExpertKey], missed: Container[ExpertKey]) -> None:
+        order = self._order
+        to_end = order.move_to_end
+        for key in keys:
+            if key in order:
+                to_end(key)
 
     def on_insert(self, key: ExpertKey) -> None:
         self._order[key] = None
@@ -119,49 +137,50 @@ class LfuPolicy(PolicyBase):
         self._last: dict[ExpertKey, int] = {}
         self._resident: set[ExpertKey] = set()
         self._tick = 0
-        # Min-heap of (count, last, key) with lazy invalidation: an entry is live while it matches
-        # the key's current (count, last) and the key is resident. Keeps choose_victim O(log n).
+        # Min-heap of (count, last, key), updated lazily: a use only bumps the counters, and an entry
+        # that reaches the top with old values is re-filed with the current ones. Counts and ticks only
+        # grow, so every entry is a lower bound of its key's current (count, last): the first current
+        # entry on top is the true minimum. O(1) per use, O(log n) per victim.
         self._heap: list[tuple[int, int, ExpertKey]] = []
-        self._limit = 64  # compact the heap beyond this many entries
 
     def on_access(self, key: ExpertKey, hit: bool) -> None:
         tick = self._tick = self._tick + 1
-        count = self._count[key] = self._count.get(key, 0) + 1
+        self._count[key] = self._count.get(key, 0) + 1
         self._last[key] = tick
-        if key in self._resident:
-            heap = self._heap
-            heapq.heappush(heap, (count, tick, key))
-            if len(heap) > self._limit:
-                self._compact()
+
+    def on_accesses(self, keys: Sequence[ExpertKey], missed: Container[ExpertKey]) -> None:
+        count, last = self._count, self._last
+        tick = self._tick
+        for key in keys:
+            tick += 1
+            count[key] = count.get(key, 0) + 1
+            last[key] = tick
+        self._tick = tick
 
     def on_insert(self, key: ExpertKey) -> None:
         self._resident.add(key)
         last = self._last.setdefault(key, self._tick)
-        self._push(self._count.get(key, 0), last, key)
+        heap = self._heap
+        heapq.heappush(heap, (self._count.get(key, 0), last, key))
+        if len(heap) > 4 * len(self._resident) + 64:  # entries of evicted keys pile up: drop them
+            heap[:] = [(self._count.get(k, 0), self._last[k], k) for k in self._resident]
+            heapq.heapify(heap)
 
     def on_evict(self, key: ExpertKey) -> None:
         self._resident.discard(key)
-
-    def _push(self, count: int, last: int, key: ExpertKey) -> None:
-        heapq.heappush(self._heap, (count, last, key))
-        if len(self._heap) > self._limit:
-            self._compact()
-
-    def _compact(self) -> None:
-        """Drop stale entries (they pile up: one per use of a resident key)."""
-        self._heap = [(self._count.get(k, 0), self._last.get(k, 0), k) for k in self._resident]
-        heapq.heapify(self._heap)
-        self._limit = 4 * len(self._resident) + 64
 
     def choose_victim(self, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
         heap, count, last, resident = self._heap, self._count, self._last, self._resident
         held: list[tuple[int, int, ExpertKey]] = []
         victim = None
         while heap:
-            entry = heap[0]
-            c, t, key = entry
-            if key not in resident or count.get(key, 0) != c or last.get(key, 0) != t:
-                heapq.heappop(heap)  # stale
+            c, t, key = heap[0]
+            if key not in resident:
+                heapq.heappop(heap)  # evicted since
+                continue
+            now = (count.get(key, 0), last[key], key)
+            if now[0] != c or now[1] != t:
+                heapq.heapreplace(heap, now)  # used since: re-file with its current values
                 continue
             if can_evict(key):
                 victim = key
