@@ -30,7 +30,7 @@ lazy deletion. O(log n) per event; pure Python, no torch; the simulator runs thi
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 import numpy as np
 
@@ -183,6 +183,30 @@ class TracePolicy(PolicyBase):
         if key in self._resident and (seen != t - 1 or self._stored[key] < (t - self.streak_lag) * self.L):
             self._push(key)
 
+    def on_accesses(self, keys: Sequence[ExpertKey], missed: Container[ExpertKey]) -> None:
+        """`on_access` for each key in order, inlined (the simulator's fast path)."""
+        if not keys:
+            return
+        if not self._in_layer:
+            self._start_layer(keys[0][0])
+        self._running.extend(keys)
+        t, last, count, ew, pw = self._t, self._last, self._count, self._ew, self._pow
+        resident, stored = self._resident, self._stored
+        lag_floor = (t - self.streak_lag) * self.L
+        for key in keys:
+            if key[1] > self._max_expert:
+                self._max_expert = key[1]
+            seen = last.get(key)
+            last[key] = t
+            count[key] = count.get(key, 0) + 1
+            if seen is None:
+                ew[key] = 1.0
+            else:
+                r = t - seen
+                ew[key] = ew[key] * pw[r if r < MAX_R else MAX_R] + 1.0
+            if key in resident and (seen != t - 1 or stored[key] < lag_floor):
+                self._push(key)
+
     def _start_layer(self, layer: int) -> None:
         self._in_layer = True
         if self._c >= 0:
@@ -222,6 +246,8 @@ class TracePolicy(PolicyBase):
             self._ahead_due = []
         if not due:
             return
+        if len(due) > 1:
+            due = dict.fromkeys(due)  # a key both checked and of the previous visit: computed once
         t, last, resident, stored, heap = self._t, self._last, self._resident, self._stored, self._heap
         for key in due:
             seen = last.get(key, -1)
