@@ -1,8 +1,9 @@
 """Evaluate cache policies on a routing trace with k-fold splits over requests (issue 8).
 
 For each fold, the requests of that fold are replayed through every policy; the `trace` policy's
-library is pre-loaded from the other folds only (and learns online from the evaluated requests as
-they finish, as at run time: a request is always replayed before it can be in the library). Fetches
+library is pre-loaded from the other folds only, with the token-level routing statistics of those
+folds (`routing_statistics`); it learns online from the evaluated requests as they finish, as at run
+time (a request is always replayed before it can be in the library). Fetches
 per token and modelled time per token are summed over folds; per-fold ratios to the oracle show the
 spread. Usage (reproduces BENCHMARKS.md, "Policy simulator (issue 8)"):
 
@@ -21,6 +22,7 @@ import numpy as np
 from moeinf.bench.simulator import make_sim_policy, simulate
 from moeinf.runtime.trace import read_trace
 from moeinf.runtime.trace_library import TraceLibrary
+from moeinf.runtime.trace_policy import routing_statistics
 
 TIME_MODELS = {"pcie": (0.5, 14.0), "ssd": (0.5, 120.0)}  # (compute ms per layer, transfer ms per expert)
 
@@ -50,6 +52,7 @@ def main() -> None:
         library_ids = sorted(np.concatenate([x for g, x in enumerate(folds) if g != f]).tolist())
         library_trace = trace.select(library_ids)
         assert not set(library_ids) & set(test_ids.tolist())
+        routing = routing_statistics(library_trace)  # token-level statistics of the library's traces
         for capacity in capacities:
             for name in policies:
                 for model in models:
@@ -57,6 +60,7 @@ def main() -> None:
                     options = {}
                     if name == "trace":
                         options["library"] = TraceLibrary.from_trace(library_trace)
+                        options["routing"] = routing
                     policy = make_sim_policy(name, test, **options)
                     r = simulate(
                         test,

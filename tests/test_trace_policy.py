@@ -9,7 +9,7 @@ from moeinf.runtime.oracle import OraclePolicy
 from moeinf.runtime.policy import POLICIES, LruPolicy, make_policy
 from moeinf.runtime.trace import make_trace
 from moeinf.runtime.trace_library import TraceLibrary
-from moeinf.runtime.trace_policy import TracePolicy
+from moeinf.runtime.trace_policy import TracePolicy, routing_statistics
 
 
 def step(policy, layer, experts, insert=True):
@@ -168,3 +168,45 @@ def test_router_lookahead_feeds_the_prefetch_plan():
     p = lookahead_setup()
     p.on_router_lookahead(1, [5])
     assert p.plan_prefetch(0, [0]) == [K(1, 5)]
+
+
+def test_routing_statistics_counts_reuse_and_cross_layer_follow():
+    # 2 layers x 4 experts, top-1; one request of 4 tokens.
+    x = np.array([[[0], [1]], [[0], [1]], [[2], [3]], [[0], [3]]])
+    stats = routing_statistics(make_trace([x], num_experts=4), shrink=0.0)
+    assert stats.reuse[0][0] == pytest.approx(
+        1 / 2
+    )  # used at tokens 0, 1, 3: again next at 0 only (3 is last)
+    assert stats.reuse[1][3] == pytest.approx(1.0)  # tokens 2 -> 3
+    assert stats.follow[0, 1][0] == pytest.approx([0, 2 / 3, 0, 1 / 3])  # after expert 0 at layer 0
+    assert stats.follow[0, 1][2] == pytest.approx([0, 0, 0, 1])
+
+
+def test_own_reuse_keeps_the_expert_that_is_reused():
+    # Expert 0 follows itself, expert 1 never does: with the same history, expert 1 goes first
+    # (without statistics the tie goes to expert 0, the smaller key).
+    x = np.array([[[0, 1]], [[0, 2]], [[0, 1]], [[0, 2]]])
+    stats = routing_statistics(make_trace([x], num_experts=4), shrink=0.0)
+    victims = []
+    for routing in (None, stats):
+        p = TracePolicy(num_layers=1, num_experts=4, top_k=2, bypass=False, prefetch=0, routing=routing)
+        step(p, 0, [0, 1])
+        step(p, 0, [2, 3])
+        victims.append(p.choose_victim(lambda k: k.expert < 2))
+    assert victims == [K(0, 0), K(0, 1)]
+
+
+def test_follow_check_keeps_the_expert_this_tokens_routing_predicts():
+    # Layer 0 expert 0 is always followed by expert 1 at layer 2, never by expert 2.
+    x = np.array([[[0], [0], [1]], [[3], [0], [2]]] * 3)
+    stats = routing_statistics(make_trace([x], num_experts=4), shrink=0.0)
+    victims = []
+    for routing in (None, stats):
+        p = TracePolicy(num_layers=3, num_experts=4, top_k=1, bypass=False, prefetch=0, routing=routing)
+        for layer, e in ((0, 3), (1, 0), (2, 3)):
+            step(p, layer, [e])
+        p.on_insert(K(2, 1))  # two experts of layer 2 never used: the same ET
+        p.on_insert(K(2, 2))
+        p.on_access(K(0, 0), hit=True)  # the next token's layer 0 routes to expert 0
+        victims.append(p.choose_victim(lambda k: k != K(0, 0)))
+    assert victims == [K(2, 1), K(2, 2)]
