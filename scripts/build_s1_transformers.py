@@ -25,10 +25,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from tests.fixtures.checkpoints import build_tokenizer
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from moeinf.pull import pull
-    from tests.fixtures.checkpoints import build_tokenizer
 
     start = time.perf_counter()
     checkpoint = args.work / "checkpoint"

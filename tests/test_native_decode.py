@@ -21,7 +21,7 @@ from tests.fixtures.checkpoints import build_checkpoint
 PROMPT, NEW = 12, 12
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2", "qwen3_moe"])
 def test_bf16_slots_with_fp32_activations_match_transformers_upcast(family, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

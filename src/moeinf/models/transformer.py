@@ -190,6 +190,8 @@ def _native_half_weights(decoder: Decoder, device: torch.device, dtype: torch.dt
     if device.type != "cpu" or dtype != torch.float32 or not kernels.available():
         return set()
     names = {f"{name}.weight" for name, m in decoder.named_modules() if isinstance(m, Linear)}
+    # MLA's absorbed decode multiplies kv_b_proj's weight directly (not through Linear): compute dtype
+    names = {name for name in names if not name.endswith(".attn.kv_b_proj.weight")}
     if decoder.spec.tie_word_embeddings:
         names.discard("lm_head.weight")
     return names
