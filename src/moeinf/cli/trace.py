@@ -1,7 +1,7 @@
 """`moeinf trace ...`: the policy simulator over routing traces, and each model's trace library.
 
-`simulate` replays a trace file through cache policies (bench.simulator); `list|show|clear|export`
-manage the library kept in the store. numpy only: no torch on this path.
+`simulate` replays a trace file through cache policies (bench.simulator); `list|show|clear|export|
+import` manage the library kept in the store. numpy only: no torch on this path.
 """
 
 from __future__ import annotations
@@ -267,3 +267,53 @@ def export(
         lib = _library(model)
         path = lib.save(output)
         typer.echo(f"wrote {len(lib)} entries to {path}")
+
+
+def parse_requests(text: str | None, total: int) -> range:
+    """`A:B` (either end optional, Python slice rules) -> the request indices it selects."""
+    from moeinf.errors import BadOption
+
+    if text is None:
+        return range(total)
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            i = int(start)
+            return range(total)[i : i + 1] if i >= 0 else range(total)[i:][:1]
+        return range(total)[slice(int(start) if start else None, int(stop) if stop else None)]
+    except ValueError:
+        raise BadOption(f"--requests must look like 3:100, :50, 7: or 12, got {text!r}") from None
+
+
+@trace_app.command("import")
+def import_trace(
+    model: Annotated[str, typer.Argument(help="model name")],
+    trace_file: Annotated[Path, typer.Argument(help="trace .npz (moeinf's format)", metavar="TRACE.npz")],
+    requests: Annotated[
+        str | None, typer.Option("--requests", help="which requests, as a slice: 3:100, :50, 7:")
+    ] = None,
+) -> None:
+    """Add the requests of a trace file to a model's trace library (e.g. routing recorded elsewhere).
+
+    The library keeps its bounds (entries merge or make room as when requests finish). To benchmark
+    with replayed routing, import requests that the benchmark does not replay (e.g. --requests 3:).
+    """
+    with ui.errors():
+        from moeinf.errors import BadOption
+        from moeinf.runtime.trace import read_trace
+
+        trace = read_trace(trace_file)
+        lib = _library(model)
+        chosen = parse_requests(requests, trace.num_requests)
+        if len(chosen) == 0:
+            raise BadOption(f"--requests {requests} selects none of the {trace.num_requests} requests")
+        tokens = 0
+        for i in chosen:
+            part = trace.request_slice(i)
+            lib.add(trace.eam(i), tokens=part.stop - part.start, save=False)
+            tokens += part.stop - part.start
+        lib.save()
+        typer.echo(
+            f"imported {len(chosen)} requests ({tokens} tokens) into {model}'s trace library: "
+            f"{len(lib)} entries, {lib.path}"
+        )
