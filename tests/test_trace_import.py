@@ -1,4 +1,5 @@
-"""`moeinf trace import`: a trace file's requests (a slice of them) join a model's trace library."""
+"""`moeinf trace import`: a trace file's requests (a slice of them) join a model's trace library, their
+EAMs and their token-level routing counts."""
 
 import numpy as np
 import pytest
@@ -40,6 +41,8 @@ def test_import_adds_the_chosen_requests(checkpoint, tmp_path):
     assert "imported 2 requests (12 tokens)" in out.stdout
     lib = open_model_library(stored)
     assert int(lib.requests.sum()) == 2 and int(lib.tokens.sum()) == 12
+    assert lib.routing.tokens == 12  # token-level counts too: the trace policy's reuse statistics
+    assert lib.routing.reuses[:, 1:4].sum() > 0 and lib.routing.uses[:, 0].sum() == 0
     used = lib.eams.sum(axis=(0, 1))  # [E]: request 0 (experts 0, 1) was left out
     assert used[0] == 0 and used[1] > 0 and used[2] > 0 and used[3] > 0
 

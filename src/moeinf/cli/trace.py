@@ -299,21 +299,37 @@ def import_trace(
     with replayed routing, import requests that the benchmark does not replay (e.g. --requests 3:).
     """
     with ui.errors():
-        from moeinf.errors import BadOption
+        import numpy as np
+
+        from moeinf.errors import BadOption, InvalidTrace
         from moeinf.runtime.trace import read_trace
+        from moeinf.runtime.trace_library import open_model_library
+        from moeinf.store import Store
 
         trace = read_trace(trace_file)
-        lib = _library(model)
+        stored = Store().open(model)
+        spec = stored.spec
+        layers = list(spec.moe_layers)  # the trace's layer i is the model's i-th MoE layer
+        if (trace.num_layers, trace.num_experts) != (len(layers), spec.num_experts):
+            raise InvalidTrace(
+                f"{trace_file}: routing of {trace.num_layers} layers x {trace.num_experts} experts does not "
+                f"match {model}'s {len(layers)} MoE layers x {spec.num_experts} experts"
+            )
         chosen = parse_requests(requests, trace.num_requests)
         if len(chosen) == 0:
             raise BadOption(f"--requests {requests} selects none of the {trace.num_requests} requests")
-        tokens = 0
-        for i in chosen:
-            part = trace.request_slice(i)
-            lib.add(trace.eam(i), tokens=part.stop - part.start, save=False)
-            tokens += part.stop - part.start
+        part = trace.select(list(chosen))
+        experts = np.full((part.num_tokens, spec.num_layers, part.top_k), -1, dtype=np.int16)
+        experts[:, layers] = part.experts  # [T, model layers, K]
+        lib = open_model_library(stored)
+        for i in range(part.num_requests):
+            eam = np.zeros((spec.num_layers, spec.num_experts))
+            eam[layers] = part.eam(i)
+            span = part.request_slice(i)
+            lib.add(eam, tokens=span.stop - span.start, save=False)
+        lib.routing.add(experts, part.seq_offsets)
         lib.save()
         typer.echo(
-            f"imported {len(chosen)} requests ({tokens} tokens) into {model}'s trace library: "
-            f"{len(lib)} entries, {lib.path}"
+            f"imported {part.num_requests} requests ({part.num_tokens} tokens) into {model}'s trace "
+            f"library: {len(lib)} entries, {lib.path}"
         )

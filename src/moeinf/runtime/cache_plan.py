@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -176,16 +177,20 @@ def describe(plan: CachePlan, cache: ExpertCache | None = None) -> list[str]:
     return lines
 
 
-def model_policy(name: str, stored):
-    """The policy `name` for a stored model: `trace` learns from and adds to the model's trace library."""
+def model_policy(name: str, stored, library=None):
+    """The policy `name` for a stored model: `trace` learns from and adds to the model's trace library
+    (`library`, default the one in the store), using its token-level routing statistics when it has
+    enough of them."""
     if name != "trace":
         return make_policy(name)
     from moeinf.runtime.trace_library import open_model_library
 
     spec = stored.manifest.spec
+    library = library if library is not None else open_model_library(stored)
     return make_policy(
         "trace",
-        library=open_model_library(stored),
+        library=library,
+        routing=library.routing_stats(),
         num_layers=spec.num_layers,
         num_experts=spec.num_experts,
         top_k=spec.top_k,
@@ -217,7 +222,15 @@ def cache_factory(
             gpu_mem=gpu_mem,
             policy=policy,
         )
-        cache = build_cache(plan, stored.expert_path, policy=model_policy(policy, stored))
+        library = None
+        if policy == "trace":
+            from moeinf.runtime.trace_library import open_model_library
+
+            library = open_model_library(stored)
+        cache = build_cache(plan, stored.expert_path, policy=model_policy(policy, stored, library))
+        if library is not None:  # finished requests' decode routing feeds the library's statistics
+            # (not saved here: the policy saves the library when it adds the request's EAM just after)
+            cache.record_routing(partial(library.add_routing, save=False), spec.num_layers)
         cache.reader.probe(stored.expert_path(spec.moe_layers[0], 0))
         if on_plan is not None:
             on_plan(plan, cache)

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moeinf.runtime.cache_stats import CacheStats
@@ -80,6 +81,8 @@ class ExpertCache:
         self.reader = ExpertReader(layout, direct=direct_io)
         self._staging = threading.local()  # per worker: a page-aligned buffer for reads that need conversion
         self._queue = TransferQueue(self._fill, workers=workers)
+        self._routing_sink: tuple[Callable[[np.ndarray], None], int] | None = None  # record_routing
+        self._routing_log: list[tuple[int, list[int]]] = []  # this request's (layer, experts) steps
 
     # --- the provider ------------------------------------------------------------------------------
 
@@ -91,6 +94,8 @@ class ExpertCache:
         deferred: deque[ExpertKey] = deque()  # missing, waiting for a slot
         current: ExpertKey | None = None
         bulk = self.bulk_threshold is not None and len(keys) > self.bulk_threshold
+        if self._routing_sink is not None and len(keys) == self.bulk_threshold:
+            self._routing_log.append((layer, [k.expert for k in keys]))  # one decode token's layer
         with self._cv:
             for key in keys:
                 slot = tier.slot_of.get(key)
@@ -180,10 +185,22 @@ class ExpertCache:
     def start_request(self) -> None:
         with self._cv:
             self.policy.on_request_start()
+            self._routing_log.clear()
 
     def end_request(self) -> None:
         with self._cv:
+            log, self._routing_log = self._routing_log, []
+        if self._routing_sink is not None and log:  # first: the policy's learning below saves both
+            sink, num_layers = self._routing_sink
+            sink(routing_array(log, num_layers, self.bulk_threshold or 1))
+        with self._cv:
             self.policy.on_request_end()
+
+    def record_routing(self, sink: Callable[[np.ndarray], None], num_layers: int) -> None:
+        """Hand each finished request's decode routing to `sink` as [T, num_layers, K] expert ids (-1:
+        none), e.g. the trace library's routing counts. Decode steps only: a prefill's request names
+        the experts of many tokens at once, not which token used which."""
+        self._routing_sink = (sink, num_layers)
 
     def close(self) -> None:
         self._queue.close()
@@ -358,3 +375,20 @@ class ExpertCache:
                 if hslot is not None and host.slot_of.get(key) == hslot:
                     host.pins[hslot] -= 1
                 self._cv.notify_all()
+
+
+def routing_array(steps: Sequence[tuple[int, Sequence[int]]], num_layers: int, top_k: int) -> np.ndarray:
+    """(layer, experts) steps in call order -> [T, num_layers, top_k] ids (-1 where none): a new token
+    starts whenever the layer does not increase (each token sweeps the MoE layers in order)."""
+    tokens: list[dict[int, Sequence[int]]] = []
+    previous = None
+    for layer, experts in steps:
+        if previous is None or layer <= previous:
+            tokens.append({})
+        tokens[-1][layer] = experts
+        previous = layer
+    out = np.full((len(tokens), num_layers, top_k), -1, dtype=np.int16)
+    for t, layers in enumerate(tokens):
+        for layer, experts in layers.items():
+            out[t, layer, : len(experts)] = experts[:top_k]
+    return out

@@ -13,7 +13,11 @@ long and short requests compare by mix, not size).
   2. Otherwise it is appended; while the library is over a bound, the most similar pair of entries
      (the most redundant information) is merged into one.
 So distinct kinds of requests keep their own entries, frequent kinds gain weight, and a burst of
-similar requests cannot push rare ones out. numpy only.
+similar requests cannot push rare ones out.
+
+Beside the EAMs, `routing` holds token-level routing counts (runtime/routing_counts.py: per-expert
+next-token reuse, same-token cross-layer pairs) of every request added with its routing; they are
+fixed-size sums, so they need no bound. numpy only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from moeinf.errors import InvalidTrace
+from moeinf.runtime.routing_counts import RoutingCounts
 from moeinf.runtime.trace import Trace
 
 FILE_NAME = "library.npz"
@@ -65,6 +70,7 @@ class TraceLibrary:
         self.requests = np.zeros(0, dtype=np.int64)  # [N] requests merged into each entry
         self.updated = np.zeros(0, dtype=np.float64)  # [N] unix time of the last change
         self._unit: np.ndarray | None = None  # cached normalised_rows(self.eams)
+        self.routing = RoutingCounts(num_layers, num_experts)  # token-level counts (add_routing)
 
     # --- bounds ------------------------------------------------------------------------------------
 
@@ -114,6 +120,7 @@ class TraceLibrary:
         lib = cls(trace.num_layers, trace.num_experts, trace.top_k, **options)
         for i in range(trace.num_requests):
             lib.add(trace.eam(i), save=False)
+        lib.routing.add(trace.experts, trace.seq_offsets)
         return lib
 
     def _load(self, path: Path) -> None:
@@ -124,6 +131,7 @@ class TraceLibrary:
                 tokens = data["tokens"].astype(np.int64)
                 requests = data["requests"].astype(np.int64)
                 updated = data["updated"].astype(np.float64)
+                routing = RoutingCounts.from_arrays(data)
         except (OSError, KeyError, ValueError) as e:
             raise InvalidTrace(f"{path}: cannot read trace library ({e})") from None
         shape = (meta.get("num_layers"), meta.get("num_experts"), meta.get("top_k"))
@@ -136,6 +144,10 @@ class TraceLibrary:
         if not (len(eams) == len(tokens) == len(requests) == len(updated)):
             raise InvalidTrace(f"{path}: trace library arrays disagree in length")
         self.eams, self.tokens, self.requests, self.updated = eams, tokens, requests, updated
+        if routing is not None:  # older files have none: start counting now
+            if (routing.num_layers, routing.num_experts) != (self.num_layers, self.num_experts):
+                raise InvalidTrace(f"{path}: routing counts do not match the library's shape")
+            self.routing = routing
         self._unit = None
         self._enforce_bounds()
 
@@ -161,6 +173,7 @@ class TraceLibrary:
                 requests=self.requests,
                 updated=self.updated,
                 meta=np.array(json.dumps(meta)),
+                **self.routing.to_arrays(),
             )
         tmp.replace(target)
         return target
@@ -168,6 +181,7 @@ class TraceLibrary:
     def clear(self) -> None:
         self.eams = self.eams[:0]
         self.tokens, self.requests, self.updated = self.tokens[:0], self.requests[:0], self.updated[:0]
+        self.routing = RoutingCounts(self.num_layers, self.num_experts)
         self._unit = None
         if self.path is not None and self.path.exists():
             self.path.unlink()
@@ -209,6 +223,18 @@ class TraceLibrary:
         if save:
             self.save()
         return index
+
+    def add_routing(self, experts: np.ndarray, *, save: bool = True) -> None:
+        """Add one request's token-level routing `experts` [T, L, K] (model layer indices, -1 for
+        none) to the routing counts; its EAM goes through `add` as before."""
+        self.routing.add(experts)
+        if save:
+            self.save()
+
+    def routing_stats(self, min_tokens: int = 256):
+        """The `trace` policy's statistics from the routing counts (`trace_policy.RoutingStats`), or
+        None while fewer than `min_tokens` tokens were counted (too few to beat the averages)."""
+        return self.routing.stats() if self.routing.tokens >= min_tokens else None
 
     def _units(self) -> np.ndarray:
         if self._unit is None:

@@ -1,0 +1,150 @@
+"""Token-level routing counts: the trace policy's statistics from counts equal those computed from the
+trace itself; counts add up request by request, persist with the library, and the expert cache hands
+each request's decode routing to them."""
+
+import numpy as np
+import pytest
+
+from moeinf.errors import InvalidTrace
+from moeinf.runtime.expert_cache import routing_array
+from moeinf.runtime.routing_counts import RoutingCounts, pair_distance
+from moeinf.runtime.trace import make_trace
+from moeinf.runtime.trace_library import TraceLibrary
+from moeinf.runtime.trace_policy import routing_statistics
+
+L, E, K = 5, 6, 2
+
+
+def random_trace(seed=0, requests=4):
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for _ in range(requests):
+        T = int(rng.integers(3, 12))
+        # sticky routing: a token reuses its predecessor's experts half of the time
+        x = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(T)])
+        for t in range(1, T):
+            keep = rng.random(L) < 0.5
+            x[t, keep] = x[t - 1, keep]
+        reqs.append(x)
+    return make_trace(reqs, num_experts=E)
+
+
+def test_stats_from_counts_equal_the_policys_statistics_of_the_trace():
+    trace = random_trace()
+    want = routing_statistics(trace, max_distance=3)
+    got = RoutingCounts.from_trace(trace, max_distance=3).stats()
+    assert np.allclose(got.reuse, want.reuse)
+    assert set(got.follow) == set(want.follow)
+    for key in want.follow:
+        assert np.allclose(got.follow[key], want.follow[key])
+
+
+def test_counts_add_up_request_by_request_and_merge():
+    trace = random_trace(1)
+    whole = RoutingCounts.from_trace(trace)
+    parts, other = RoutingCounts(L, E), RoutingCounts(L, E)
+    for i in range(trace.num_requests):
+        (parts if i % 2 else other).add(trace.experts[trace.request_slice(i)])
+    parts.merge(other)
+    for key in ("uses", "reuses", "with_next", "pairs"):
+        assert np.array_equal(getattr(parts, key), getattr(whole, key)), key
+    assert parts.tokens == whole.tokens == trace.num_tokens
+    # a request boundary breaks reuse: the concatenation as one request counts more
+    glued = RoutingCounts(L, E)
+    glued.add(trace.experts)
+    assert glued.reuses.sum() >= whole.reuses.sum() and glued.with_next.sum() > whole.with_next.sum()
+
+
+def test_bad_routing_is_refused():
+    counts = RoutingCounts(L, E)
+    with pytest.raises(InvalidTrace, match="does not match"):
+        counts.add(np.zeros((2, L + 1, K), dtype=np.int64))
+    with pytest.raises(InvalidTrace, match="expert 6"):
+        counts.add(np.full((2, L, K), E))
+
+
+def test_pair_counts_stay_bounded_for_wide_models():
+    assert pair_distance(24, 32) == 8  # gpt-oss-like: every distance the policy uses
+    assert pair_distance(48, 128) == 1  # Qwen3-MoE
+    assert pair_distance(61, 256) == 0  # DeepSeek-V3: reuse counts only
+    wide = RoutingCounts(61, 256)
+    assert wide.pairs.shape == (0, 61, 256, 256) and wide.stats().follow == {}
+
+
+def test_library_keeps_the_counts_across_save_and_load(tmp_path):
+    trace = random_trace(2)
+    lib = TraceLibrary(L, E, K, directory=tmp_path)
+    assert not lib.routing and lib.routing_stats() is None
+    for i in range(trace.num_requests):
+        lib.add(trace.eam(i), save=False)
+        lib.add_routing(trace.experts[trace.request_slice(i)], save=False)
+    lib.save()
+    again = TraceLibrary.open(tmp_path, L, E, K)
+    assert again.routing.tokens == trace.num_tokens
+    assert np.array_equal(again.routing.pairs, lib.routing.pairs)
+    assert again.routing_stats(min_tokens=1) is not None and again.routing_stats(min_tokens=10**6) is None
+    # a file written before routing counts existed still loads (counting starts from zero)
+    with np.load(again.path) as data:
+        old = {k: data[k] for k in data.files if not k.startswith("routing_")}
+    np.savez(again.path, **old)
+    older = TraceLibrary.open(tmp_path, L, E, K)
+    assert len(older) == len(lib) and not older.routing
+    older.clear()
+    assert not older.routing and not older.path.exists()
+
+
+def test_routing_array_splits_tokens_where_the_layers_restart():
+    steps = [(1, [4, 2]), (3, [0, 5]), (1, [4, 1]), (2, [3, 0]), (3, [5, 2])]
+    x = routing_array(steps, num_layers=4, top_k=2)
+    assert x.shape == (2, 4, 2)
+    assert x[0].tolist() == [[-1, -1], [4, 2], [-1, -1], [0, 5]]
+    assert x[1].tolist() == [[-1, -1], [4, 1], [3, 0], [5, 2]]
+
+
+def test_the_cache_hands_each_requests_decode_routing_to_its_sink(tmp_path):
+    import torch
+
+    from moeinf.runtime.expert_cache import ExpertCache
+    from moeinf.runtime.policy import make_policy
+    from tests.test_expert_cache import EXPERTS, LAYERS, make_store
+
+    layout, path_of = make_store(tmp_path)
+    cache = ExpertCache(
+        path_of, layout, slots=6, policy=make_policy("lru"), device=torch.device("cpu"),
+        dtype=torch.float32, bulk_threshold=2,
+    )  # fmt: skip
+    got = []
+    cache.record_routing(got.append, num_layers=LAYERS)
+    steps = [[(0, [1, 2]), (1, [3, 4]), (2, [5, 6])], [(0, [1, 7]), (1, [3, 0]), (2, [5, 2])]]
+    try:
+        cache.start_request()
+        for _ in cache.experts(0, list(range(EXPERTS))):  # a prefill: many tokens at once, not logged
+            pass
+        for token in steps:
+            for layer, ids in token:
+                for _ in cache.experts(layer, ids):
+                    pass
+        cache.end_request()
+        cache.start_request()
+        cache.end_request()  # a request that routed nothing hands nothing over
+    finally:
+        cache.close()
+    assert len(got) == 1
+    assert got[0].tolist() == [[ids for _, ids in token] for token in steps]
+
+
+def test_a_run_with_the_trace_policy_counts_its_decode_routing(checkpoint):
+    from typer.testing import CliRunner
+
+    from moeinf.cli.main import app
+    from moeinf.pull import pull
+    from moeinf.runtime.trace_library import open_model_library
+
+    stored = pull(str(checkpoint("mixtral")), name="mx-routing")
+    args = ["run", "mx-routing", "hello", "--raw", "--ignore-eos", "--max-tokens", "6", "--policy", "trace"]
+    result = CliRunner().invoke(app, [*args, "--ram-mem", "50%"])
+    assert result.exit_code == 0, result.stderr
+    lib = open_model_library(stored)
+    assert len(lib) == 1 and lib.routing.tokens == 5  # 5 decode steps: the first token is the prefill's
+    spec = stored.spec
+    assert lib.routing.uses.sum() == 5 * len(spec.moe_layers) * spec.top_k
