@@ -82,12 +82,13 @@ def test_bf16_slots_with_fp32_activations_match_transformers_upcast(family, tmp_
         attn = decoder.layers[0].attn
         assert attn.q_proj.weight.dtype == torch.bfloat16 and decoder.lm_head.weight.dtype == torch.bfloat16
         assert decoder.norm.weight.dtype == torch.float32 and decoder.native_decode
+        assert "native kernels" in decoder.describe_decode() and "bfloat16" in decoder.describe_decode()
         # decode steps ran with torch single-threaded (its spinning pool would take our cores)...
         assert (1, 1) in calls["torch_threads"]
         # ...and prefill (12 tokens, torch's BLAS) with the threads it had
         assert 2 in {threads for _, threads in calls["torch_threads"]}
     else:
-        assert not decoder.native_decode
+        assert not decoder.native_decode and decoder.describe_decode().startswith("decode: torch")
 
 
 def test_decode_threads_lends_torchs_threads_to_the_kernels():

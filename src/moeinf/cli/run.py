@@ -88,6 +88,8 @@ def run(
         cache = {"ram_mem": ram_mem, "gpu_mem": gpu_mem, "policy": policy}
         engine = _load(model, device=device, threads=threads, num_ctx=num_ctx, cache=cache, verbose=verbose)
         with contextlib.closing(engine):  # the expert cache's worker threads end with the command
+            if verbose:
+                print(engine.decoder.describe_decode(), file=sys.stderr)
             if routing_trace:
                 _replay(engine, routing_trace)
             _chat(

@@ -124,6 +124,18 @@ class Decoder(nn.Module):
         decoder.max_seq_len, decoder.device, decoder.dtype = max_seq_len, device, dtype
         return decoder.eval()
 
+    def describe_decode(self) -> str:
+        """One line for --verbose: what computes a decode step's products, and in which dtype."""
+        if not self.native_decode:
+            return f"decode: torch, weights in {str(self.dtype).removeprefix('torch.')}"
+        half = [m.weight for m in self.modules() if isinstance(m, Linear) and m.weight.dtype in HALF_DTYPES]
+        nbytes = sum(w.numel() * w.element_size() for w in half)
+        dtype = str(half[0].dtype).removeprefix("torch.")
+        return (
+            f"decode: native kernels, {len(half)} projections kept in {dtype} as stored "
+            f"({nbytes / 2**20:.1f} MiB read per token), torch single-threaded during decode steps"
+        )
+
     def set_routing_hook(self, hook: RoutingHook | None) -> None:
         """Route every MoE layer's choices through `hook.on_route` (runtime/routing_hooks.py); None: off."""
         for layer in self.layers:
