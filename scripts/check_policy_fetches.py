@@ -1,14 +1,16 @@
 """Guard for simulator / policy speed work: fetch counts and fetch order must not change (issue 8).
 
-Replays a fixed slice of a routing trace through lru, lfu, trace (library from another fixed slice)
-and oracle at 12.5 / 25 / 50% capacity and prints, per run, fetches, demand misses, bypasses,
-wasted prefetches and a hash of the whole fetch sequence, plus trace tokens per CPU second.
+Replays a fixed slice of a routing trace through lru, lfu, trace (library and routing statistics from
+another fixed slice, as in scripts/evaluate_policies.py) and oracle at 12.5 / 25 / 50% capacity and
+prints, per run, fetches, demand misses, bypasses, wasted prefetches and a hash of the whole fetch
+sequence, plus trace tokens per CPU second.
 `--record FILE` saves them; `--check FILE` compares against a recording and exits 1 on any change.
 
     nice -n 19 .venv/bin/python scripts/check_policy_fetches.py \
         /work/shared/traces/gpt-oss-20b.decode.dev.npz --check scripts/check_policy_fetches.expected.json
 
-The expected file was recorded at 8e82509, before the simulator speed work.
+The expected file was recorded before the simulator speed work (8e82509) for lru, lfu and oracle, and
+at 35ee579 for trace (whose predictions changed on purpose in 338ff39).
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ import sys
 from moeinf.bench.simulator import make_sim_policy, simulate
 from moeinf.runtime.trace import read_trace
 from moeinf.runtime.trace_library import TraceLibrary
+from moeinf.runtime.trace_policy import routing_statistics
 
 
 def run(trace_path: str, requests: int, library_requests: int, policies: list[str], caps: list[float]):
     trace = read_trace(trace_path)
     test = trace.select(list(range(requests)))
     library_trace = trace.select(list(range(requests, requests + library_requests)))
+    routing = routing_statistics(library_trace)
     out = {}
     for cap in caps:
         for name in policies:
-            options = {"library": TraceLibrary.from_trace(library_trace)} if name == "trace" else {}
+            options = {}
+            if name == "trace":
+                options = {"library": TraceLibrary.from_trace(library_trace), "routing": routing}
             policy = make_sim_policy(name, test, **options)
             digest = hashlib.sha256()
 
