@@ -190,14 +190,18 @@ def test_shared_trace_orders_policies():
 @pytest.mark.parametrize("name", ["lru", "lfu", "trace", "oracle"])
 @pytest.mark.parametrize("capacity", [0.25, 0.5])
 def test_batched_accesses_equal_per_key_calls(name, capacity):
-    # The simulator's fast path (on_accesses, once per layer call) must decide exactly as the per-key
-    # on_access calls the cache makes: a subclass that overrides on_access forces the per-key path.
+    # The simulator's fast paths (on_accesses once per layer call, replace once per eviction) must
+    # decide exactly as the separate calls the cache makes: a subclass that overrides on_access and
+    # choose_victim forces those.
     tr = random_trace(seed=3, requests=4, T=30, L=4, E=8, K=2)
     fast = make_sim_policy(name, tr)
 
     class PerKey(type(fast)):
         def on_access(self, key, hit):
             super().on_access(key, hit)
+
+        def choose_victim(self, can_evict):
+            return super().choose_victim(can_evict)
 
     slow = PerKey(tr.experts, tr.num_experts) if name == "oracle" else PerKey()
     got, want = [], []

@@ -103,11 +103,20 @@ def _owner(cls: type, name: str) -> type | None:
     return next((c for c in cls.__mro__ if name in c.__dict__), None)
 
 
+def _fused(policy: Policy, hook: str, parts: Sequence[str]) -> bool:
+    """Whether the policy's `hook` stands for its `parts` hooks: defined in a class at least as specific
+    as each of theirs (a subclass that overrides a part gets the parts called one by one)."""
+    owner = _owner(type(policy), hook)
+    return owner is not None and all(
+        (part_owner := _owner(type(policy), part)) is not None and issubclass(owner, part_owner)
+        for part in parts
+    )
+
+
 def _batched_access(policy: Policy) -> Callable[[Sequence[ExpertKey], Sequence[ExpertKey]], None]:
     """`on_accesses(keys, missed)` of the policy when it is at least as specific as its `on_access` (a
     subclass that overrides only `on_access` gets it called per key), else a per-key loop over it."""
-    batched, single = _owner(type(policy), "on_accesses"), _owner(type(policy), "on_access")
-    if batched is not None and single is not None and issubclass(batched, single):
+    if _fused(policy, "on_accesses", ("on_access",)):
         return policy.on_accesses  # type: ignore[attr-defined]
     on_access = policy.on_access
 
@@ -176,6 +185,9 @@ def simulate(
     # Hooks a policy leaves at PolicyBase's no-op defaults are not called (same outcome, less time).
     plan_prefetch = None if _default(policy, "plan_prefetch") else policy.plan_prefetch
     should_bypass = None if _default(policy, "should_bypass") else policy.should_bypass
+    replace = (
+        policy.replace if _fused(policy, "replace", ("choose_victim", "on_evict", "on_insert")) else None
+    )  # type: ignore[attr-defined]
 
     if per_layer:
 
@@ -187,12 +199,13 @@ def simulate(
         shared_can_evict = lambda k: k not in run  # noqa: E731
         can_evict_of = [shared_can_evict] * L
 
-    def evict(victim: ExpertKey) -> None:
+    def evict(victim: ExpertKey, notify: bool = True) -> None:
         nonlocal wasted
         if victim not in resident or victim in run:
             raise RuntimeError(f"policy {policy.name} chose victim {victim} that is not evictable")
         resident.discard(victim)
-        on_evict(victim)
+        if notify:
+            on_evict(victim)
         if victim in prefetched:
             prefetched.discard(victim)
             wasted += 1
@@ -241,8 +254,9 @@ def simulate(
                         ready = t
             if missed:
                 pool = layer if per_layer else 0
+                can_evict = can_evict_of[layer]
+                misses += len(missed)
                 for k in missed:
-                    misses += 1
                     busy = (busy if busy > now else now) + X
                     if busy > ready:
                         ready = busy
@@ -250,13 +264,22 @@ def simulate(
                         on_fetch(k, False)
                     if free[pool]:
                         free[pool] -= 1
-                    elif should_bypass is not None and should_bypass(
-                        k
-                    ):  # asked only when a slot must be freed, as the cache does
+                    # A bypass is asked for only when a slot must be freed, as the cache does.
+                    elif should_bypass is not None and should_bypass(k):
                         bypasses += 1
                         continue
+                    elif replace is not None:  # one call for choose_victim, on_evict and on_insert
+                        victim = replace(k, can_evict)
+                        if victim is None:
+                            raise RuntimeError(f"policy {policy.name} found no victim for a demand miss")
+                        if prefetched or victim not in resident or victim in run:
+                            evict(victim, notify=False)  # the general path, with its checks
+                        else:
+                            resident.remove(victim)
+                        resident.add(k)
+                        continue
                     else:
-                        victim = choose_victim(can_evict_of[layer])
+                        victim = choose_victim(can_evict)
                         if victim is None:
                             raise RuntimeError(f"policy {policy.name} found no victim for a demand miss")
                         if prefetched or victim not in resident or victim in run:

@@ -39,6 +39,10 @@ class Policy(Protocol):
         """One layer call's uses at once: the same as `on_access(k, k not in missed)` for each key in
         order (the simulator's fast path; the cache calls `on_access`)."""
 
+    def replace(self, key: ExpertKey, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """A demand miss `key` takes the slot of a victim: the same as `choose_victim(can_evict)`, then,
+        if it names one, `on_evict(victim)` and `on_insert(key)` (the simulator's fast path)."""
+
     def on_insert(self, key: ExpertKey) -> None:
         """`key` took a slot (demand fetch or prefetch)."""
 
@@ -80,6 +84,13 @@ class PolicyBase:
         for key in keys:
             self.on_access(key, key not in missed)
 
+    def replace(self, key: ExpertKey, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        victim = self.choose_victim(can_evict)  # type: ignore[attr-defined]
+        if victim is not None:
+            self.on_evict(victim)  # type: ignore[attr-defined]
+            self.on_insert(key)  # type: ignore[attr-defined]
+        return victim
+
     def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
         return []
 
@@ -110,8 +121,11 @@ class LruPolicy(PolicyBase):
                 to_end(key)
 
     def on_insert(self, key: ExpertKey) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
+        order = self._order
+        if key in order:
+            order.move_to_end(key)
+        else:
+            order[key] = None  # new keys land at the end
 
     def on_evict(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
@@ -121,6 +135,20 @@ class LruPolicy(PolicyBase):
             if can_evict(key):
                 return key
         return None
+
+    def replace(self, key: ExpertKey, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        order = self._order
+        for victim in order:
+            if can_evict(victim):
+                break
+        else:
+            return None
+        del order[victim]
+        if key in order:
+            order.move_to_end(key)
+        else:
+            order[key] = None
+        return victim
 
 
 class LfuPolicy(PolicyBase):
