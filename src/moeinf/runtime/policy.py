@@ -12,6 +12,10 @@ Call contract (bench.simulator follows it exactly; learning policies rely on it)
     then always `plan_prefetch(layer, ids)` (the `trace` policy takes it as the end of the layer
     call), whose keys take slots the same way;
   - optionally (run time), `on_router_lookahead(layer + 1, predicted ids)` before `plan_prefetch`.
+The simulator may call the batched forms instead, `on_accesses(keys, missed)` for a layer call's
+accesses and `replace(key, can_evict)` for choose_victim + on_evict + on_insert, where a policy
+defines them at least as specifically as the hooks they stand for; they must decide exactly as the
+separate calls (tests/test_simulator.py).
 """
 
 from __future__ import annotations
