@@ -59,14 +59,6 @@ def _load_library_source(path: Path, trace):
     return lib
 
 
-def _is_trace_file(path: Path) -> bool:
-    """Whether `path` holds a routing trace (token-level) rather than a saved library (EAMs only)."""
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as data:
-        return "eams" not in data.files
-
-
 @trace_app.command("simulate")
 def simulate(
     trace_file: Annotated[Path, typer.Argument(metavar="TRACE.npz", help="routing trace to replay")],
@@ -105,12 +97,8 @@ def simulate(
             return {}
 
         routing = None
-        if source is not None:
-            _load_library_source(source, trace)  # fail early on a bad file
-            if _is_trace_file(source):  # token-level routing: the trace policy's reuse / follow statistics
-                from moeinf.runtime.trace_policy import routing_statistics
-
-                routing = routing_statistics(read_trace(source))
+        if source is not None:  # fail early on a bad file; the library's token-level routing statistics
+            routing = _load_library_source(source, trace).routing_stats()
         results = simulate_grid(
             trace,
             names,
