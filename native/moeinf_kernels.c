@@ -25,7 +25,7 @@
 #include <immintrin.h>
 #endif
 
-#define MK_VERSION 1
+#define MK_VERSION 2
 #define MK_MAX_THREADS 64
 #define MK_SPIN_NS 200000L /* workers spin this long for the next job before sleeping */
 
@@ -448,6 +448,70 @@ int mk_expert_forward(const float *x, int64_t T, int64_t D, int64_t I, const voi
     if (I > 0) run_job(&up_job, nthreads);
     run_job(&down_job, nthreads);
     if (h != stack) free(h);
+    return MK_OK;
+}
+
+/* ---------------------------------------------------------------- a whole MoE layer for one token */
+
+#define MK_MAX_EXPERTS 64
+
+typedef struct {
+    rows_fn rows;
+    const float *x;
+    int64_t D, I, n, per_i, per_d;
+    const void *const *gate, *const *up, *const *down;
+    const float *scale; /* [n] */
+    float *g, *u;       /* [n, I] each; h = silu(g) * u in g */
+    float *out;         /* [D] */
+} moe_args;
+
+static void moe_up_chunk(const job_t *j, int64_t c) {
+    const moe_args *a = j->args;
+    epilogue_t plain = {NULL, NULL, 0};
+    int64_t r0, r1; /* rows of the n experts' gate/up stacked: expert e owns [e * I, (e + 1) * I) */
+    chunk_range(c, a->per_i, a->n * a->I, &r0, &r1);
+    for (int64_t e = r0 / a->I; e < a->n && e * a->I < r1; e++) {
+        int64_t i0 = r0 > e * a->I ? r0 - e * a->I : 0, i1 = r1 < (e + 1) * a->I ? r1 - e * a->I : a->I;
+        float *g = a->g + e * a->I, *u = a->u + e * a->I;
+        a->rows(a->x, 1, a->D, a->gate[e], i0, i1, g, a->I, &plain);
+        a->rows(a->x, 1, a->D, a->up[e], i0, i1, u, a->I, &plain);
+        for (int64_t i = i0; i < i1; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i]; /* as expert_up_chunk */
+    }
+}
+
+static void moe_down_chunk(const job_t *j, int64_t c) {
+    const moe_args *a = j->args;
+    int64_t d0, d1;
+    chunk_range(c, a->per_d, a->D, &d0, &d1);
+    for (int64_t d = d0; d < d1; d++) a->out[d] = 0.0f;
+    for (int64_t e = 0; e < a->n; e++) {
+        /* out += scale[e] * (down_e h_e), in the given expert order: the same roundings as one expert
+           at a time (its product, times its weight, added to the running sum). */
+        epilogue_t ep = {NULL, a->scale + e, 1};
+        a->rows(a->g + e * a->I, 1, a->I, a->down[e], d0, d1, a->out, a->D, &ep);
+    }
+}
+
+/* out[D] = sum over e = 0..n-1, in that order, of scale[e] * down_e(silu(gate_e x) * (up_e x)), for
+ * one token x [D] fp32; gate_e, up_e [I, D] and down_e [D, I] in `dtype`. Bit for bit what n calls of
+ * mk_expert_forward, each result times its scale, summed from zero in the same order, give; two jobs
+ * (gate/up of all experts, then down) instead of 2n. */
+int mk_moe_forward(const float *x, int64_t D, int64_t I, int64_t n, const void *const *gate,
+                   const void *const *up, const void *const *down, int dtype, const float *scale, float *out,
+                   int nthreads) {
+    rows_fn rows = rows_for(dtype);
+    if (!rows) return MK_EDTYPE;
+    if (D < 0 || I < 0 || n < 0 || n > MK_MAX_EXPERTS) return MK_ESHAPE;
+    if (D == 0) return MK_OK;
+    float *h = malloc((size_t)(2 * n * I + 1) * sizeof(float));
+    if (!h) return MK_ENOMEM;
+    int64_t per_i = chunk_rows(n * I, 2 * D, nthreads), per_d = chunk_rows(D, n * I, nthreads);
+    moe_args a = {rows, x, D, I, n, per_i, per_d, gate, up, down, scale, h, h + n * I, out};
+    job_t up_job = {moe_up_chunk, (n * I + per_i - 1) / per_i, 0, 0, &a};
+    job_t down_job = {moe_down_chunk, (D + per_d - 1) / per_d, 0, 0, &a};
+    if (n > 0 && I > 0) run_job(&up_job, nthreads);
+    run_job(&down_job, nthreads);
+    free(h);
     return MK_OK;
 }
 

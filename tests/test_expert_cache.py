@@ -6,6 +6,7 @@ expert the cache hands over is compared with what safetensors reads from the sam
 
 import random
 import threading
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,25 @@ def test_request_hooks_reach_the_policy(store):
     cache.end_request()
     assert calls == ["start", "end"]
     cache.close()
+
+
+def test_hold_keeps_a_layers_experts_pinned_until_the_iterator_closes(store):
+    """The fused decode path takes a layer's experts all at once: with hold=True nothing handed over
+    may be evicted (or its slot refilled) before the iterator is closed."""
+    layout, path_of = store
+    cache = make_cache(path_of, layout, slots=3, bulk_threshold=3, scratch_slots=0)
+    try:
+        collect(cache, 0, [0, 1, 2], path_of)
+        assert cache.all_ready(0, [2, 0, 1]) and not cache.all_ready(0, [0, 3])
+        before = cache.stats.total().requests
+        held = cache.experts(0, [0, 1, 2], hold=True)
+        got = dict(islice(held, 3))  # not exhausted: a finished generator has released everything
+        assert cache.stats.total().requests == before + 3  # accounted as any request
+        assert cache.prefetch([ExpertKey(1, 0)]) == 0  # every slot pinned: nothing to evict
+        for expert, weights in got.items():
+            for have, want in zip(weights, expected(path_of, 0, expert), strict=True):
+                assert torch.equal(have, want)
+        held.close()
+        assert cache.prefetch([ExpertKey(1, 0)]) == 1  # released together
+    finally:
+        cache.close()

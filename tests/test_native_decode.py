@@ -109,3 +109,51 @@ def test_decode_threads_lends_torchs_threads_to_the_kernels():
         assert torch.get_num_threads() == 3  # restored on errors too
     finally:
         torch.set_num_threads(before)
+
+
+def test_fused_layers_and_expert_at_a_time_give_the_same_bits_at_every_budget(tmp_path, monkeypatch):
+    """bf16 on the native path: a layer whose experts are all resident runs as one fused call, others
+    expert by expert as transfers land; logits must not change by a bit with the budget."""
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    path = build_checkpoint("mixtral", tmp_path / "mx", seed=1, dtype="bfloat16")
+    stored = pull(str(path), name="mx-fused")
+    spec = stored.manifest.spec
+    calls = {"fused": 0}
+    real = kernels.try_moe_forward
+
+    def counting(x, experts, scales):
+        calls["fused"] += 1
+        return real(x, experts, scales)
+
+    monkeypatch.setattr(kernels, "try_moe_forward", counting)
+    total = spec.num_experts * len(spec.moe_layers)
+    runs = {}
+    for slots in (total, total // 2, spec.top_k):
+        cache = ExpertCache(
+            stored.expert_path,
+            ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype),
+            slots=slots,
+            policy=make_policy("lru"),
+            device=torch.device("cpu"),
+            dtype=torch.bfloat16,
+            bulk_threshold=spec.top_k,
+        )
+        calls["fused"] = 0
+        try:
+            decoder = load_decoder(stored, cache, device="cpu", dtype=torch.float32, max_seq_len=64)
+            assert all(layer.moe.holding for layer in decoder.layers if layer.is_moe)
+            tokens = torch.arange(3, 3 + PROMPT)
+            logits = [decoder(tokens, 0)[-1]]
+            for i in range(NEW):
+                nxt = logits[-1].argmax().view(1)
+                logits.append(decoder(nxt, PROMPT + i)[-1])
+        finally:
+            cache.close()
+        runs[slots] = (torch.stack(logits), calls["fused"], cache.stats.total().misses)
+    full, fused_full, misses_full = runs[total]
+    # everything fits: each decode step's layer is fused unless it met an expert for the first time
+    assert NEW * len(spec.moe_layers) - misses_full <= fused_full <= NEW * len(spec.moe_layers)
+    for slots, run in runs.items():
+        assert torch.equal(run[0], full), slots
+    assert runs[spec.top_k][1] < fused_full and runs[spec.top_k][2] > misses_full  # the tight budget mixes

@@ -13,6 +13,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moeinf import kernels
 from moeinf.kernels import build
@@ -276,3 +277,49 @@ def test_a_regular_install_ships_the_source_and_a_library_built_at_install(tmp_p
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert "built at install" in out.stdout and str(target) in out.stdout, out.stdout + out.stderr
     assert not (tmp_path / "no-cache").exists()  # nothing compiled at run time
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("d", "i", "n"), [(17, 9, 1), (64, 100, 3), (100, 773, 4), (33, 8, 8)])
+def test_a_fused_layer_is_bit_for_bit_the_experts_one_at_a_time(simd, dtype, d, i, n):
+    """try_moe_forward: sum over experts, in order, of scale * expert(x) from zero, with the same
+    roundings as one expert_forward each (the decode path switches between the two with the cache's
+    state, and the cache must not change a bit)."""
+    g = torch.Generator().manual_seed(d * i + n)
+    experts = [
+        tuple((torch.randn(*s, generator=g) * 0.1).to(dtype) for s in ((i, d), (i, d), (d, i)))
+        for _ in range(n)
+    ]
+    x, scales = torch.randn(1, d, generator=g), torch.rand(n, generator=g)
+    want = torch.zeros(1, d)
+    for e in range(n):
+        want += kernels.try_expert_forward(x, *experts[e]) * scales[e]
+    before = torch.get_num_threads()
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            got = kernels.try_moe_forward(x, experts, scales)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(got, want), threads
+    # against fp64 too: the sum of fp32-accumulated experts
+    ref = sum(
+        float(scales[e]) * (F.silu(x.double() @ gt.double().T) * (x.double() @ u.double().T)) @ dn.double().T
+        for e, (gt, u, dn) in enumerate(experts)
+    )
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_a_fused_layer_declines_what_it_cannot_compute():
+    bf16 = torch.bfloat16
+    one = tuple(torch.randn(*s).to(bf16) for s in ((6, 4), (6, 4), (4, 6)))
+    x, s1 = torch.randn(1, 4), torch.ones(1)
+    assert kernels.try_moe_forward(x, [one], s1) is not None
+    fp32 = tuple(w.float() for w in one)
+    assert kernels.try_moe_forward(x, [fp32], s1) is None  # fp32 weights: torch's path
+    assert kernels.try_moe_forward(torch.randn(2, 4), [one], s1) is None  # one token only
+    assert kernels.try_moe_forward(x, [one, fp32], torch.ones(2)) is None  # mixed dtypes
+    assert kernels.try_moe_forward(x, [one], torch.ones(2)) is None  # a scale per expert
+    assert kernels.try_moe_forward(x, [], torch.ones(0)) is None
+    wrong = (one[0], one[1], one[2].T.contiguous())
+    assert kernels.try_moe_forward(x, [wrong], s1) is None

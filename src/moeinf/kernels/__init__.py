@@ -15,6 +15,7 @@ from moeinf.kernels.ops import (
     set_simd,
     try_expert_forward,
     try_linear,
+    try_moe_forward,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "set_simd",
     "try_expert_forward",
     "try_linear",
+    "try_moe_forward",
 ]

@@ -28,7 +28,7 @@ SOURCE_NAME = "moeinf_kernels.c"
 LIBRARY_NAME = "libmoeinf_kernels.so"
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-pthread")
 LIBS = ("-lm",)
-VERSION = 1  # must equal MK_VERSION in the C source
+VERSION = 2  # must equal MK_VERSION in the C source
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mk_linear.restype = i32
     lib.mk_expert_forward.argtypes = [p, i64, i64, i64, p, p, p, i32, p, i32, p, i32]
     lib.mk_expert_forward.restype = i32
+    lib.mk_moe_forward.argtypes = [p, i64, i64, i64, p, p, p, i32, p, p, i32]
+    lib.mk_moe_forward.restype = i32
 
 
 def _open(path: Path) -> ctypes.CDLL:

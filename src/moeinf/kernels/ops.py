@@ -12,7 +12,8 @@ Dimensions: T tokens, K input features, N output features, D hidden, I expert hi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from moeinf.kernels.build import Native, load, reason
 
 MAX_TOKENS = 8  # above this, torch (BLAS) is the faster path
+ExpertLike = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (gate [I, D], up [I, D], down [D, I])
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ERRORS = {1: "unsupported weight dtype", 2: "bad shape", 3: "out of memory"}
 # The decode path (try_*) takes half-precision weights only: torch reads fp32 weights at full memory
@@ -156,6 +158,57 @@ def try_expert_forward(
         code,
         None,
         0,
+        y.data_ptr(),
+        _threads(None),
+    )
+    _raise_for(rc)
+    return y
+
+
+MAX_FUSED_EXPERTS = 64  # MK_MAX_EXPERTS
+
+
+def try_moe_forward(
+    x: torch.Tensor, experts: Sequence[ExpertLike], scales: torch.Tensor
+) -> torch.Tensor | None:
+    """One token's routed experts in one call: sum over e, in the given order, of scales[e] *
+    down_e(silu(x gate_e^T) * (x up_e^T)); x [1, D] fp32, scales [n] fp32. None when the kernels do
+    not apply (use the expert-at-a-time path). Bit for bit equal to `try_expert_forward` per expert,
+    times its scale, summed from zero in the same order (the kernel keeps those roundings)."""
+    n = len(experts)
+    if n == 0 or n > MAX_FUSED_EXPERTS or x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.float32:
+        return None
+    gate0 = experts[0][0]
+    code = _DECODE_DTYPES.get(gate0.dtype)
+    if code is None or not x.is_cpu or gate0.dim() != 2 or scales.dtype != torch.float32:
+        return None
+    i, d = gate0.shape
+    if d == 0 or x.shape[1] != d or scales.numel() != n:
+        return None
+    for gate, up, down in experts:
+        if not (gate.dtype == up.dtype == down.dtype == gate0.dtype) or not gate.is_cpu:
+            return None
+        if gate.shape != (i, d) or up.shape != (i, d) or down.shape != (d, i):
+            return None
+        if not (gate.is_contiguous() and up.is_contiguous() and down.is_contiguous()):
+            return None
+    native = load()
+    if native is None:
+        return None
+    x = x.contiguous()
+    scales = scales.contiguous()
+    pointers = ctypes.c_void_p * n
+    y = torch.empty((1, d), dtype=torch.float32)
+    rc = native.lib.mk_moe_forward(
+        x.data_ptr(),
+        d,
+        i,
+        n,
+        pointers(*(e[0].data_ptr() for e in experts)),
+        pointers(*(e[1].data_ptr() for e in experts)),
+        pointers(*(e[2].data_ptr() for e in experts)),
+        code,
+        scales.data_ptr(),
         y.data_ptr(),
         _threads(None),
     )

@@ -10,12 +10,14 @@ Dimensions: T tokens, D hidden, E experts, K top-k.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeinf import kernels
 from moeinf.models.layers import MLP, swiglu
 from moeinf.models.routing import route
 from moeinf.models.spec import ModelSpec
@@ -44,6 +46,9 @@ class MoEBlock(nn.Module):
         self.layer, self.top_k, self.routing = layer, spec.top_k, spec.routing
         self.has_shared, self.has_shared_gate = spec.num_shared_experts > 0, spec.shared_expert_gate
         self.provider = provider
+        # The fused one-call path: half weights on the native kernels and a provider that can hold
+        # a layer's experts at once (set by Decoder.build once the weights' dtype is known).
+        self.holding = False
         self.moe_index = moe_index  # position among the MoE layers (routing hooks count these)
         self.hook: RoutingHook | None = None  # sees, and may replace, the router's choices
         self.last_ids: torch.Tensor | None = None  # [T, K] ids of the latest call
@@ -85,6 +90,8 @@ class MoEBlock(nn.Module):
         not change a single bit of the output.
         """
         slot = {e: k for k, e in enumerate(ids[0].tolist())}
+        if self.holding and self.provider.all_ready(self.layer, list(slot)):
+            return self._experts_fused(x, weights, slot)
         parts: dict[int, torch.Tensor] = {}
         for expert, w in self.provider.experts(self.layer, list(slot)):
             parts[expert] = (
@@ -94,6 +101,24 @@ class MoEBlock(nn.Module):
         for expert in sorted(parts):
             out += parts[expert]
         return out
+
+    def _experts_fused(self, x: torch.Tensor, weights: torch.Tensor, slot: dict[int, int]) -> torch.Tensor:
+        """Every routed expert resident: one native call for the whole layer (two thread-pool jobs
+        instead of two per expert), bit for bit the expert-at-a-time sum of _experts_one."""
+        experts = self.provider.experts(self.layer, list(slot), hold=True)
+        try:
+            # exactly n items: the generator stays suspended (exhausting it would release them)
+            got = dict(islice(experts, len(slot)))  # all pinned until close()
+            order = sorted(got)  # ascending ids, as _experts_one sums
+            out = kernels.try_moe_forward(x, [got[e] for e in order], weights[0, [slot[e] for e in order]])
+            if out is None:  # the kernel does not take these weights: one at a time, same sums
+                out = torch.zeros_like(x)
+                for e in order:
+                    w = got[e]
+                    out += swiglu(x, w.gate_proj, w.up_proj, w.down_proj) * weights[0, slot[e]]
+            return out
+        finally:
+            experts.close()
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Several tokens: group the tokens by expert, compute each expert once, scatter back

@@ -26,7 +26,7 @@ from moeinf.models.rope import RotaryTable
 from moeinf.models.spec import ModelSpec
 from moeinf.models.weights import dense_shapes
 from moeinf.runtime import kv_cache
-from moeinf.runtime.expert_provider import ExpertProvider, LookaheadProvider
+from moeinf.runtime.expert_provider import ExpertProvider, HoldingProvider, LookaheadProvider
 
 if TYPE_CHECKING:
     from moeinf.runtime.routing_hooks import RoutingHook
@@ -122,6 +122,9 @@ class Decoder(nn.Module):
         decoder.load_state_dict(state, strict=True, assign=True)
         # Decode steps run on the native kernels (half weights kept as stored): see forward.
         decoder.native_decode = any(state[name].dtype in HALF_DTYPES for name in keep_half if name in state)
+        for layer in decoder.layers:  # one native call per MoE layer when all its experts are resident
+            if layer.is_moe:
+                layer.moe.holding = decoder.native_decode and isinstance(provider, HoldingProvider)
         decoder.requires_grad_(False)
         decoder.rotary = RotaryTable(spec.attention.rope, max_seq_len, device, dtype)
         decoder.caches = kv_cache.allocate(spec, max_seq_len, device, dtype)

@@ -86,8 +86,21 @@ class ExpertCache:
 
     # --- the provider ------------------------------------------------------------------------------
 
-    def experts(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def all_ready(self, layer: int, expert_ids: Sequence[int]) -> bool:
+        """Whether every one of these experts is resident and filled now (a hint: no side effects)."""
+        tier = self.tier
+        with self._cv:
+            for e in expert_ids:
+                slot = tier.slot_of.get(ExpertKey(layer, int(e)))
+                if slot is None or tier.state[slot] != READY or tier.error[slot] is not None:
+                    return False
+            return True
+
+    def experts(
+        self, layer: int, expert_ids: Sequence[int], *, hold: bool = False
+    ) -> Iterator[tuple[int, ExpertWeights]]:
         keys = list(dict.fromkeys(ExpertKey(layer, int(e)) for e in expert_ids))
+        held: list[ExpertKey] = []  # handed over, still pinned (hold=True) until the iterator closes
         stats = self.stats.layer(layer)
         tier = self.tier
         pending: list[ExpertKey] = []  # pinned in the tier: ready or in flight
@@ -144,11 +157,14 @@ class ExpertCache:
                 if ready_event is not None:
                     torch.cuda.current_stream(self.device).wait_event(ready_event)
                 yield current.expert, tier.pool.weights(slot)
-                self._unpin(current)
+                if hold:
+                    held.append(current)
+                else:
+                    self._unpin(current)
                 current = None
         finally:
             with self._cv:
-                for key in ([current] if current is not None else []) + pending:
+                for key in ([current] if current is not None else []) + pending + held:
                     self._unpin_locked(key)
 
     def prefetch(self, keys: Iterable[ExpertKey], priority: int = PREFETCH) -> int:

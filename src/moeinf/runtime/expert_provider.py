@@ -35,6 +35,23 @@ class ExpertProvider(Protocol):
 
 
 @runtime_checkable
+class HoldingProvider(Protocol):
+    """A provider that can hand over a layer's experts all at once (the fused decode kernel needs every
+    routed expert of the token at the same time)."""
+
+    def all_ready(self, layer: int, expert_ids: Sequence[int]) -> bool:
+        """Whether every one of these experts can be handed over now, without waiting for a transfer."""
+        ...
+
+    def experts(
+        self, layer: int, expert_ids: Sequence[int], *, hold: bool = False
+    ) -> Iterator[tuple[int, ExpertWeights]]:
+        """As `ExpertProvider.experts`; with `hold`, every weight handed over stays valid until the
+        iterator is closed or runs out (so take exactly as many items as ids, then close it)."""
+        ...
+
+
+@runtime_checkable
 class LookaheadProvider(Protocol):
     """A provider whose policy uses the next layer's router applied early to the current hidden state."""
 

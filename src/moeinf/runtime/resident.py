@@ -26,8 +26,13 @@ class ResidentProvider:
         self.resident: dict[tuple[int, int], ExpertWeights] = {}
         self.reads = 0  # expert files read so far
 
-    def experts(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        for expert in dict.fromkeys(expert_ids):
+    def all_ready(self, layer: int, expert_ids: Sequence[int]) -> bool:
+        return all((layer, e) in self.resident for e in expert_ids)
+
+    def experts(
+        self, layer: int, expert_ids: Sequence[int], *, hold: bool = False
+    ) -> Iterator[tuple[int, ExpertWeights]]:
+        for expert in dict.fromkeys(expert_ids):  # kept forever: `hold` changes nothing here
             key = (layer, expert)
             weights = self.resident.get(key)
             if weights is None:
