@@ -264,7 +264,16 @@ def test_a_regular_install_ships_the_source_and_a_library_built_at_install(tmp_p
     from pathlib import Path
 
     pytest.importorskip("setuptools")  # the build backend, used here without build isolation (offline)
-    root = Path(__file__).resolve().parents[1]
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "source"  # a copy: setuptools builds in <source>/build, which concurrent runs share
+    root.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(repo / name, root / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so")
+    for name in ("src", "native"):
+        shutil.copytree(repo / name, root / name, ignore=ignore)
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, root], check=True)
