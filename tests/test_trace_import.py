@@ -53,3 +53,22 @@ def test_import_adds_the_chosen_requests(checkpoint, tmp_path):
     write_trace(make_trace([other_shape], num_experts=experts), wrong)
     bad = invoke("trace", "import", "mx", wrong)
     assert bad.exit_code != 0 and "does not match" in bad.stderr
+
+
+def test_import_maps_the_traces_layers_onto_the_models_moe_layers(checkpoint, tmp_path):
+    """DeepSeek's first layer is dense: trace layer i is the model's i-th MoE layer, and the dense
+    layer's rows stay empty in the library (whose layers are the model's, as the cache keys are)."""
+    from moeinf.pull import pull
+
+    stored = pull(str(checkpoint("deepseek_v2")), name="dsv2")
+    spec = stored.spec
+    assert spec.moe_layers[0] > 0 and len(spec.moe_layers) < spec.num_layers
+    moe = len(spec.moe_layers)
+    reqs = [np.tile(np.arange(spec.top_k), (5, moe, 1))]  # every token: experts 0..K-1 at every MoE layer
+    path = write_trace(make_trace(reqs, num_experts=spec.num_experts), tmp_path / "ds.npz")
+    out = invoke("trace", "import", "dsv2", path)
+    assert out.exit_code == 0, out.stderr
+    lib = open_model_library(stored)
+    dense = [i for i in range(spec.num_layers) if i not in spec.moe_layers]
+    assert lib.eams[:, dense].sum() == 0 and lib.eams[:, list(spec.moe_layers)].sum() == 5 * moe * spec.top_k
+    assert lib.routing.uses[dense].sum() == 0 and lib.routing.reuses[list(spec.moe_layers), 0].min() == 4
