@@ -71,7 +71,10 @@ def test_bench_json_has_every_figure_and_consistent_accounting(model):
         assert SUMMARY_FIELDS <= set(summary), policy
         assert summary["decode_tps"] > 0 and summary["peak_rss_bytes"] > 0
     assert result["limit"]["tokens_per_s"] > 0
-    assert result["read_bandwidth"]["bytes_per_s"] > 0
+    bw = result["read_bandwidth"]
+    runs = sum(len(r) for r in result["runs"].values())
+    assert bw["bytes_per_s"] > 0 and bw["probes"] == runs == len(bw["probes_bytes_per_s"])  # one per run
+    assert min(bw["probes_bytes_per_s"]) <= bw["bytes_per_s"] <= max(bw["probes_bytes_per_s"])
     json.dumps(result)  # --json prints it as is
     assert result["trace_library_entries"] == 0
     assert not (Store().open(model).path / "traces" / "library.npz").exists()  # left as found

@@ -3,8 +3,9 @@ assembles the result object (machine, configuration, store read bandwidth, per-p
 physical limit, raw runs).
 
 Cold runs drop the page cache before each measured run when the process may (root), else rely on
-the expert cache's direct I/O; the store's read bandwidth is measured by reading a sample of expert
-files with direct I/O on as many threads as the cache's readers.
+the expert cache's direct I/O; the store's read bandwidth is measured before every run by reading a
+sample of expert files with direct I/O on as many threads as the cache's readers (the limit uses the
+median of these probes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -218,7 +220,9 @@ def run_bench(
         if not cold["page_cache_dropped"]:
             config.notes.append("--cold: cannot drop the page cache (not root); relying on direct I/O")
     say("measuring the store's read bandwidth")
-    bandwidth = measure_read_bandwidth(stored)
+    # Probed again before every run: a disk's speed drifts within minutes (1.0 to 1.6 GB/s on the
+    # build machine's virtio disk), and the limit should not hang on one sample taken at the start.
+    probes = [measure_read_bandwidth(stored)]
 
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in config.policies}
     library = LibrarySnapshot(stored)
@@ -228,11 +232,20 @@ def run_bench(
                 if config.cold:
                     drop_page_cache()
                 library.restore()  # every run of `trace` starts from the library as it was
+                if r or policy != config.policies[0]:
+                    probes.append(measure_read_bandwidth(stored, seed=len(probes)))
                 say(f"run {r + 1}/{config.repeat}: {policy}")
                 runs[policy].append(worker(config, policy))
     finally:
         library.restore()  # the bench leaves the model's trace library as it found it
 
+    rates = [p["bytes_per_s"] for p in probes]
+    bandwidth = {
+        **probes[0],
+        "bytes_per_s": statistics.median(rates),  # what the limit uses
+        "probes": len(rates),
+        "probes_bytes_per_s": rates,  # one before each run
+    }
     summaries = {p: policy_summary(rs) for p, rs in runs.items()}
     expert_bytes = next(iter(runs.values()))[0]["expert_bytes"] or _expert_bytes(stored)
     limit = physical_limit(summaries, bandwidth_bytes_s=bandwidth["bytes_per_s"], expert_bytes=expert_bytes)

@@ -175,8 +175,10 @@ def _footer(result: dict[str, Any]) -> list[str]:
         + (f", GPU {cfg['gpu_mem']}" if cfg.get("gpu_mem") else "")
         + f"; {len(cfg['prompts'])} prompts x {cfg['max_tokens']} tokens, {cfg['repeat']} repeat(s), "
         + (f"routing replayed from {cfg['routing_trace']}" if cfg.get("routing_trace") else "own routing"),
-        f"store read bandwidth: {bw['bytes_per_s'] / 1e9:.2f} GB/s ({bw['mode']} I/O, "
-        f"{bw['threads']} threads, {bw['files']} experts); cold: "
+        f"store read bandwidth: {bw['bytes_per_s'] / 1e9:.2f} GB/s (median of {bw.get('probes', 1)} probes, "
+        f"{min(bw.get('probes_bytes_per_s', [bw['bytes_per_s']])) / 1e9:.2f}-"
+        f"{max(bw.get('probes_bytes_per_s', [bw['bytes_per_s']])) / 1e9:.2f}; {bw['mode']} I/O, "
+        f"{bw['threads']} threads, {bw['files']} experts each); cold: "
         + (
             ("page cache dropped" if result["cold"]["page_cache_dropped"] else "direct I/O only")
             if result["cold"]["requested"]
