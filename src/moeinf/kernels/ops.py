@@ -35,6 +35,12 @@ def available() -> bool:
     return load() is not None
 
 
+def keeps_half(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """Whether bf16/f16 weights stay as stored on `device` with this compute dtype: CPU, fp32
+    activations and the kernels built (they widen half weights in registers; torch would need copies)."""
+    return device.type == "cpu" and compute_dtype == torch.float32 and available()
+
+
 def describe() -> str:
     """One line for --verbose: which path computes the products, and why."""
     native = load()

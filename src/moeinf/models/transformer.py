@@ -206,7 +206,7 @@ def _native_half_weights(decoder: Decoder, device: torch.device, dtype: torch.dt
     """Names of the projection weights to keep in a stored half dtype: on the CPU with fp32 compute
     and the native kernels, decode reads them once per token widened in registers (exact in fp32
     accumulation); prefill upcasts them per call. Tied embeddings stay in the compute dtype."""
-    if device.type != "cpu" or dtype != torch.float32 or not kernels.available():
+    if not kernels.keeps_half(device, dtype):
         return set()
     names = {f"{name}.weight" for name, m in decoder.named_modules() if isinstance(m, Linear)}
     # MLA's absorbed decode multiplies kv_b_proj's weight directly (not through Linear): compute dtype
@@ -246,7 +246,7 @@ def load_decoder(
 
     spec: ModelSpec = stored_model.manifest.spec
     device = torch.device(device)
-    may_keep_half = device.type == "cpu" and dtype == torch.float32 and kernels.available()
+    may_keep_half = kernels.keeps_half(device, dtype)
     dense = {}
     with safe_open(str(stored_model.dense_path), framework="pt") as f:
         # convert tensor by tensor so that at most one file-dtype tensor is alive at a time; half

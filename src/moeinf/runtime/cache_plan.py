@@ -64,7 +64,7 @@ def slot_dtype(stored: str, device: torch.device, compute: torch.dtype) -> torch
     from moeinf import kernels
 
     half = torch_dtype(stored)
-    if device.type == "cpu" and compute == torch.float32 and half != compute and kernels.available():
+    if half != compute and kernels.keeps_half(device, compute):
         return half
     return compute
 
