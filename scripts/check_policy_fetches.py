@@ -10,7 +10,8 @@ sequence, plus trace tokens per CPU second.
         /work/shared/traces/gpt-oss-20b.decode.dev.npz --check scripts/check_policy_fetches.expected.json
 
 The expected file was recorded before the simulator speed work (8e82509) for lru, lfu and oracle, and
-at 35ee579 for trace (whose predictions changed on purpose in 338ff39).
+at 35ee579 for trace (whose predictions changed on purpose in 338ff39), then re-recorded for trace
+only when it gained the cross-token predictor (issue 8; lru, lfu and oracle unchanged).
 """
 
 from __future__ import annotations

@@ -7,7 +7,15 @@ import pytest
 
 from moeinf.errors import InvalidTrace
 from moeinf.runtime.expert_cache import routing_array
-from moeinf.runtime.routing_counts import RoutingCounts, pair_distance
+from moeinf.runtime.routing_counts import (
+    CROSS_DISTANCE,
+    CROSS_KEYS,
+    CROSS_MIN_TOKENS,
+    RoutingCounts,
+    cross_distance,
+    cross_weights,
+    pair_distance,
+)
 from moeinf.runtime.trace import make_trace
 from moeinf.runtime.trace_library import TraceLibrary
 from moeinf.runtime.trace_policy import routing_statistics
@@ -148,3 +156,54 @@ def test_a_run_with_the_trace_policy_counts_its_decode_routing(checkpoint):
     assert len(lib) == 1 and lib.routing.tokens == 5  # 5 decode steps: the first token is the prefill's
     spec = stored.spec
     assert lib.routing.uses.sum() == 5 * len(spec.moe_layers) * spec.top_k
+
+
+def test_cross_token_weights_are_the_ridge_fit_of_the_next_tokens_routing():
+    # The normal equations assembled from counts equal those of the one-hot features themselves:
+    # products over all tokens, products with the next token over tokens that have one.
+    trace = random_trace(3, requests=150)
+    counts = RoutingCounts.from_trace(trace, max_distance=2)
+    assert counts.cross_distance == 2 and counts.cross_tokens == trace.num_tokens
+    got = cross_weights(
+        counts.tokens, counts.uses, counts.same, counts.pairs, counts.with_prev, counts.next_pairs,
+        ridge=3.0, min_tokens=1,
+    )  # fmt: skip
+    x = trace.experts.astype(np.int64)
+    T = len(x)
+    onehot = np.zeros((T, L, E))
+    np.put_along_axis(onehot, x, 1, axis=2)
+    has_next = np.ones(T, dtype=bool)
+    has_next[trace.seq_offsets[1:] - 1] = False
+    for m in range(L):
+        feats = [onehot[:, m - k] if m - k >= 0 else np.zeros((T, E)) for k in range(3)]
+        X = np.hstack([*feats, np.ones((T, 1))])
+        G = X.T @ X + 3.0 * np.diag([1.0] * (3 * E) + [0.0])
+        Y = X[:-1][has_next[:-1]].T @ onehot[1:, m][has_next[:-1]]
+        assert np.allclose(got[m], np.linalg.solve(G, Y)), m
+
+
+def test_cross_token_statistics_from_counts_equal_those_of_the_trace_and_survive_merge_and_save(tmp_path):
+    trace = random_trace(4, requests=200)
+    assert trace.num_tokens >= CROSS_MIN_TOKENS
+    want = routing_statistics(trace, max_distance=3).cross
+    parts, other = RoutingCounts(L, E, 3), RoutingCounts(L, E, 3)
+    for i in range(trace.num_requests):
+        (parts if i % 2 else other).add(trace.experts[trace.request_slice(i)])
+    parts.merge(other)
+    loaded = RoutingCounts.from_arrays(parts.to_arrays())
+    for got in (RoutingCounts.from_trace(trace, max_distance=3).stats().cross, loaded.stats().cross):
+        assert got is not None and len(got) == len(want) == L
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == (4 * E + 1, E) and np.allclose(a, b)
+    # few tokens, or counts from a file older than them: no cross-token prediction
+    assert RoutingCounts.from_trace(random_trace(5)).stats().cross is None
+    old = {k: v for k, v in parts.to_arrays().items() if k.removeprefix("routing_") not in CROSS_KEYS}
+    older = RoutingCounts.from_arrays(old)
+    assert older.cross_tokens == 0 and older.stats().cross is None
+
+
+def test_cross_token_counts_stay_bounded_for_wide_models():
+    assert cross_distance(24, 32, pair_distance(24, 32)) == CROSS_DISTANCE  # gpt-oss-like
+    assert cross_distance(48, 128, pair_distance(48, 128)) == -1  # Qwen3-MoE: none
+    wide = RoutingCounts(61, 256)
+    assert wide.next_pairs.size == wide.same.size == 0 and wide.stats().cross is None

@@ -210,3 +210,40 @@ def test_follow_check_keeps_the_expert_this_tokens_routing_predicts():
         p.on_access(K(0, 0), hit=True)  # the next token's layer 0 routes to expert 0
         victims.append(p.choose_victim(lambda k: k != K(0, 0)))
     assert victims == [K(2, 1), K(2, 2)]
+
+
+def alternating_routing(tokens=1200, seed=0):
+    """3 layers x 4 experts, top-1, one request: layer 1 of the next token routes to 2 + the expert of
+    this token's layer 0 (random 0 or 1); layers 0 and 2 are random."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2, tokens)
+    x = np.stack([a, np.concatenate([[2], 2 + a[:-1]]), rng.integers(0, 4, tokens)], axis=1)
+    return routing_statistics(make_trace([x[:, :, None]], num_experts=4))
+
+
+@pytest.mark.parametrize("a", [0, 1])
+def test_cross_token_prediction_keeps_the_expert_the_next_token_will_use(a):
+    stats = alternating_routing()
+    assert stats.cross is not None and len(stats.cross) == 3
+    victims = []
+    for cross in (False, True):
+        p = TracePolicy(
+            num_layers=3, num_experts=4, top_k=1, bypass=False, prefetch=0, routing=stats, cross=cross
+        )
+        for layer, e in ((0, 1 - a), (1, 2), (2, 0), (0, a), (1, 3), (2, 1)):
+            step(p, layer, [e])
+        # Layer 1 ran in this token with expert 3 (2 at the token before); this token's layer 0 chose
+        # a, so the next token's layer 1 uses 2 + a. Recency alone keeps expert 3.
+        victims.append(p.choose_victim(lambda k: k[0] == 1))
+    assert victims == [K(1, 2), K(1, 3 - a)]
+
+
+def test_cross_token_prediction_holds_for_the_layers_passed_in_this_token_only():
+    stats = alternating_routing()
+    p = TracePolicy(num_layers=3, num_experts=4, top_k=1, bypass=False, prefetch=0, routing=stats)
+    for layer, e in ((0, 0), (1, 3), (2, 1)):
+        step(p, layer, [e])
+    assert p._p_next(K(1, 2)) > 0.8 and p._p_next(K(1, 3)) < 0.2  # layer 0 chose 0: 2 at the next token
+    assert 0.3 < p._p_next(K(0, 0)) < 0.7 and p._p_next(K(0, 3)) < 0.05  # random 0 or 1, never 3
+    step(p, 0, [1])  # the next token: layer 1 is ahead again, the prediction made for it is spent
+    assert p._p_next(K(1, 2)) < 0.5

@@ -4,8 +4,11 @@ cross-layer statistics (`trace_policy.RoutingStats`) are computed from.
 Counts, not ratios, so that requests recorded at run time, traces imported from files and library
 files merge by addition: per (layer, expert) uses, next-token reuses within a request and uses
 that have a next token; per layer distance d (1..max_distance) the same-token pairs (e at layer l,
-f at layer l + d). Fixed size (L x E and D x L x E x E, D bounded by `pair_distance`), whatever the
-number of requests. Layers are the model's layer indices (a dense layer's rows stay zero). numpy only.
+f at layer l + d); for the cross-token predictor (`cross_weights`) the same-layer pairs of a token,
+the cross-token pairs (e at layer l - k of a token, f at layer l of the next token, k <= X) and the
+uses at tokens that have a previous one. Fixed size (L x E, D x L x E x E, (X + 2) x L x E x E; D
+and X bounded by `pair_distance` / `cross_distance`), whatever the number of requests. Layers are the
+model's layer indices (a dense layer's rows stay zero). numpy only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from moeinf.errors import InvalidTrace
 MAX_DISTANCE = 8  # layers ahead for same-token pairs (precision falls slowly with distance on gpt-oss)
 MAX_PAIR_CELLS = 1 << 20  # D x L x E x E: 8 MB of counts, and the policy's tables stay small in Python
 KEYS = ("tokens", "uses", "reuses", "with_next", "pairs")
+CROSS_KEYS = ("cross_tokens", "same", "next_pairs", "with_prev")
+CROSS_DISTANCE = 4  # layers back (0 = the layer itself) whose routing predicts the next token's
+CROSS_RIDGE = 100.0  # ridge penalty of the cross-token predictor, in tokens
+CROSS_MIN_TOKENS = 1000  # fewer counted tokens: no cross-token prediction (it would be mostly penalty)
 
 
 def pair_distance(num_layers: int, num_experts: int, wanted: int = MAX_DISTANCE) -> int:
@@ -26,6 +33,14 @@ def pair_distance(num_layers: int, num_experts: int, wanted: int = MAX_DISTANCE)
     61 x 256 experts gets none, Qwen3-MoE's 48 x 128 one), so the counts stay bounded."""
     per_distance = max(1, num_layers * num_experts * num_experts)
     return max(0, min(wanted, num_layers - 1, MAX_PAIR_CELLS // per_distance))
+
+
+def cross_distance(num_layers: int, num_experts: int, pair_dist: int, wanted: int = CROSS_DISTANCE) -> int:
+    """Layers back for the cross-token predictor: up to `wanted` and the pair distance (its features'
+    correlations are those pairs), -1 (none) when its (X + 2) x L x E x E counts would be too large."""
+    per_distance = max(1, num_layers * num_experts * num_experts)
+    x = min(wanted, pair_dist, MAX_PAIR_CELLS // per_distance - 2)
+    return x if x >= 0 else -1
 
 
 class RoutingCounts:
@@ -40,6 +55,13 @@ class RoutingCounts:
         self.reuses = np.zeros((L, E))  # ... and to e at l again at the next token of the request
         self.with_next = np.zeros((L, E))  # uses at a token that has a next token in its request
         self.pairs = np.zeros((D, L, E, E))  # [d-1, l, e, f]: e at l and f at l + d, same token
+        X = cross_distance(L, E, D)
+        self.cross_distance = X
+        self.cross_tokens = 0  # tokens counted in the three arrays below (0 in older library files)
+        n = L if X >= 0 else 0
+        self.same = np.zeros((n, E, E))  # [l, e, f]: e and f both at l, same token (diagonal: uses)
+        self.next_pairs = np.zeros((X + 1, n, E, E))  # [k, l, e, f]: e at l - k, f at l of the next token
+        self.with_prev = np.zeros((n, E))  # uses at a token that has a previous token in its request
 
     def __bool__(self) -> bool:
         return self.tokens > 0
@@ -72,15 +94,27 @@ class RoutingCounts:
                 ok = (a[:, :, None] >= 0) & (b[:, None, :] >= 0)
                 pairs = (a[:, :, None] * E + b[:, None, :])[ok]
                 self.pairs[d - 1, lo] += np.bincount(pairs, minlength=E * E).reshape(E, E)
+        if self.cross_distance >= 0:
+            self.cross_tokens += T
+            first = np.zeros(T, dtype=bool)
+            first[offsets[:-1]] = True
+            self.with_prev += onehot[~first].sum(axis=0)
+            nxt = ~last[:-1]  # token t has a next token t + 1 in its request
+            a, b = x[:-1][nxt], x[1:][nxt]  # [N, L, K]: tokens t and t + 1
+            for lo in range(L):
+                self.same[lo] += _pair_counts(x[:, lo], x[:, lo], E)
+                for k in range(min(self.cross_distance, lo) + 1):
+                    self.next_pairs[k, lo] += _pair_counts(a[:, lo - k], b[:, lo], E)
 
     def merge(self, other: RoutingCounts) -> None:
-        if (other.num_layers, other.num_experts, other.max_distance) != (
+        if (other.num_layers, other.num_experts, other.max_distance, other.cross_distance) != (
             self.num_layers,
             self.num_experts,
             self.max_distance,
+            self.cross_distance,
         ):
             raise InvalidTrace("routing counts of another shape cannot be merged")
-        for key in KEYS:
+        for key in KEYS + CROSS_KEYS:
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
     def stats(self, shrink: float = 20.0):
@@ -102,7 +136,11 @@ class RoutingCounts:
                     self.uses[lo][:, None] + shrink, 1e-12
                 )  # [E, E]
                 follow[lo, hi] = p.tolist()
-        return RoutingStats(reuse=reuse.tolist(), follow=follow)
+        cross = None
+        if self.cross_distance >= 0 and self.cross_tokens == self.tokens:  # all tokens counted
+            args = (self.uses, self.same, self.pairs, self.with_prev, self.next_pairs)
+            cross = cross_weights(self.tokens, *args)
+        return RoutingStats(reuse=reuse.tolist(), follow=follow, cross=cross)
 
     @classmethod
     def from_trace(cls, trace, max_distance: int | None = None) -> RoutingCounts:
@@ -114,7 +152,7 @@ class RoutingCounts:
     # --- persistence: arrays stored beside the library's own in one .npz ---------------------------
 
     def to_arrays(self, prefix: str = "routing_") -> dict[str, np.ndarray]:
-        return {prefix + key: np.asarray(getattr(self, key)) for key in KEYS}
+        return {prefix + key: np.asarray(getattr(self, key)) for key in KEYS + CROSS_KEYS}
 
     @classmethod
     def from_arrays(cls, data: Mapping[str, np.ndarray], prefix: str = "routing_") -> RoutingCounts | None:
@@ -133,4 +171,60 @@ class RoutingCounts:
                 raise InvalidTrace(f"routing {key} of shape {list(value.shape)}, expected [{L}, {E}]")
             setattr(counts, key, value)
         counts.pairs = pairs
+        if prefix + "next_pairs" in data:  # else an older file: no cross-token counts (cross_tokens 0)
+            counts.cross_tokens = int(np.asarray(data[prefix + "cross_tokens"]))
+            for key in ("same", "next_pairs", "with_prev"):
+                value = np.asarray(data[prefix + key], dtype=np.float64)
+                if value.shape != getattr(counts, key).shape:
+                    raise InvalidTrace(f"routing {key} of shape {list(value.shape)}")
+                setattr(counts, key, value)
         return counts
+
+
+def _pair_counts(a: np.ndarray, b: np.ndarray, E: int) -> np.ndarray:
+    """[E, E] counts of (e in row i of `a`, f in row i of `b`) over rows; ids -1 are skipped."""
+    ok = (a[:, :, None] >= 0) & (b[:, None, :] >= 0)
+    pairs = (a[:, :, None] * E + b[:, None, :])[ok]
+    return np.bincount(pairs, minlength=E * E).reshape(E, E).astype(np.float64)
+
+
+def cross_weights(
+    tokens: int,
+    uses: np.ndarray,
+    same: np.ndarray,
+    pairs: np.ndarray,
+    with_prev: np.ndarray,
+    next_pairs: np.ndarray,
+    ridge: float = CROSS_RIDGE,
+    min_tokens: int = CROSS_MIN_TOKENS,
+) -> list[np.ndarray] | None:
+    """The cross-token predictor: for each layer l a linear model (ridge regression, solved from the
+    counts) of P(f is routed at layer l by the next token) from the one-hot routing of this token at
+    layers l, l - 1, ..., l - X. Table [l][k * E + e, f] (numpy) = weight of (e at l - k); row (X + 1) * E is
+    the intercept. None with fewer than `min_tokens` tokens. The normal equations take the features'
+    products over all tokens and their products with the next token over tokens that have one (the
+    last token of each request apart, the same population)."""
+    if tokens < min_tokens:
+        return None
+    X = next_pairs.shape[0] - 1
+    L, E = uses.shape
+    F = (X + 1) * E + 1
+    out = []
+    for m in range(L):  # the predicted layer
+        G = np.zeros((F, F))
+        Y = np.zeros((F, E))
+        G[-1, -1] = tokens
+        Y[-1] = with_prev[m]
+        for k in range(min(X, m) + 1):
+            a = m - k
+            rk = slice(k * E, (k + 1) * E)
+            G[rk, rk] = same[a]
+            G[rk, -1] = G[-1, rk] = uses[a]
+            Y[rk] = next_pairs[k, m]
+            for j in range(k):  # layer m - j is after a = m - k: pairs[k - j - 1, a] is [e at a, f at m - j]
+                rj = slice(j * E, (j + 1) * E)
+                G[rk, rj] = pairs[k - j - 1, a]
+                G[rj, rk] = pairs[k - j - 1, a].T
+        G[np.arange(F - 1), np.arange(F - 1)] += ridge  # the intercept is not penalised
+        out.append(np.linalg.solve(G, Y))
+    return out
