@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from moeinf.errors import InvalidTrace
-from moeinf.runtime.expert_cache import routing_array
 from moeinf.runtime.routing_counts import (
     CROSS_DISTANCE,
     CROSS_KEYS,
@@ -16,7 +15,7 @@ from moeinf.runtime.routing_counts import (
     cross_weights,
     pair_distance,
 )
-from moeinf.runtime.trace import make_trace
+from moeinf.runtime.trace import make_trace, routing_array
 from moeinf.runtime.trace_library import TraceLibrary
 from moeinf.runtime.trace_policy import routing_statistics
 

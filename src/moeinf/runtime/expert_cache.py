@@ -25,6 +25,7 @@ from moeinf.runtime.expert_store import DATA_OFFSET, ExpertLayout, ExpertReader
 from moeinf.runtime.policy import Policy
 from moeinf.runtime.slot_pool import SlotPool, torch_dtype
 from moeinf.runtime.slot_tier import FILLING, READY, Tier
+from moeinf.runtime.trace import routing_array
 from moeinf.runtime.transfer import DEMAND, PREFETCH, CopyStream, Job, TransferQueue
 
 
@@ -391,20 +392,3 @@ class ExpertCache:
                 if hslot is not None and host.slot_of.get(key) == hslot:
                     host.pins[hslot] -= 1
                 self._cv.notify_all()
-
-
-def routing_array(steps: Sequence[tuple[int, Sequence[int]]], num_layers: int, top_k: int) -> np.ndarray:
-    """(layer, experts) steps in call order -> [T, num_layers, top_k] ids (-1 where none): a new token
-    starts whenever the layer does not increase (each token sweeps the MoE layers in order)."""
-    tokens: list[dict[int, Sequence[int]]] = []
-    previous = None
-    for layer, experts in steps:
-        if previous is None or layer <= previous:
-            tokens.append({})
-        tokens[-1][layer] = experts
-        previous = layer
-    out = np.full((len(tokens), num_layers, top_k), -1, dtype=np.int16)
-    for t, layers in enumerate(tokens):
-        for layer, experts in layers.items():
-            out[t, layer, : len(experts)] = experts[:top_k]
-    return out

@@ -10,6 +10,7 @@ the trace library and routing replay read it. numpy only.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,3 +172,20 @@ def make_trace(
     full = {"num_layers": int(L), "num_experts": int(num_experts), "top_k": int(K), **meta}
     p = np.concatenate(probs).astype(np.float32) if probs is not None else None
     return Trace(np.concatenate(requests).astype(np.int16), offsets, full, p)
+
+
+def routing_array(steps: Sequence[tuple[int, Sequence[int]]], num_layers: int, top_k: int) -> np.ndarray:
+    """(layer, experts) steps in call order -> [T, num_layers, top_k] ids (-1 where none): a new token
+    starts whenever the layer does not increase (each token sweeps the MoE layers in order)."""
+    tokens: list[dict[int, Sequence[int]]] = []
+    previous = None
+    for layer, experts in steps:
+        if previous is None or layer <= previous:
+            tokens.append({})
+        tokens[-1][layer] = experts
+        previous = layer
+    out = np.full((len(tokens), num_layers, top_k), -1, dtype=np.int16)
+    for t, layers in enumerate(tokens):
+        for layer, experts in layers.items():
+            out[t, layer, : len(experts)] = experts[:top_k]
+    return out
