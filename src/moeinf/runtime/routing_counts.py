@@ -156,8 +156,10 @@ class RoutingCounts:
 
     @classmethod
     def from_arrays(cls, data: Mapping[str, np.ndarray], prefix: str = "routing_") -> RoutingCounts | None:
-        """Counts saved by `to_arrays`, or None when `data` has none (an older library file)."""
-        if prefix + "pairs" not in data:
+        """Counts saved by `to_arrays`, or None when `data` has none or lacks the cross-token counts
+        (an older library file): counting then starts afresh, so that the cross-token predictor, which
+        needs every counted token in all arrays, comes back once new requests are counted."""
+        if prefix + "pairs" not in data or prefix + "next_pairs" not in data:
             return None
         pairs = np.asarray(data[prefix + "pairs"], dtype=np.float64)
         if pairs.ndim != 4 or pairs.shape[2] != pairs.shape[3]:
@@ -171,13 +173,12 @@ class RoutingCounts:
                 raise InvalidTrace(f"routing {key} of shape {list(value.shape)}, expected [{L}, {E}]")
             setattr(counts, key, value)
         counts.pairs = pairs
-        if prefix + "next_pairs" in data:  # else an older file: no cross-token counts (cross_tokens 0)
-            counts.cross_tokens = int(np.asarray(data[prefix + "cross_tokens"]))
-            for key in ("same", "next_pairs", "with_prev"):
-                value = np.asarray(data[prefix + key], dtype=np.float64)
-                if value.shape != getattr(counts, key).shape:
-                    raise InvalidTrace(f"routing {key} of shape {list(value.shape)}")
-                setattr(counts, key, value)
+        counts.cross_tokens = int(np.asarray(data[prefix + "cross_tokens"]))
+        for key in ("same", "next_pairs", "with_prev"):
+            value = np.asarray(data[prefix + key], dtype=np.float64)
+            if value.shape != getattr(counts, key).shape:
+                raise InvalidTrace(f"routing {key} of shape {list(value.shape)}")
+            setattr(counts, key, value)
         return counts
 
 
