@@ -22,9 +22,9 @@ import json
 import sys
 
 from moeinf.bench.simulator import make_sim_policy, simulate
+from moeinf.runtime.routing_counts import routing_statistics
 from moeinf.runtime.trace import read_trace
 from moeinf.runtime.trace_library import TraceLibrary
-from moeinf.runtime.trace_policy import routing_statistics
 
 
 def run(trace_path: str, requests: int, library_requests: int, policies: list[str], caps: list[float]):

@@ -21,9 +21,9 @@ import time
 import numpy as np
 
 from moeinf.bench.simulator import make_sim_policy, simulate
+from moeinf.runtime.routing_counts import routing_statistics
 from moeinf.runtime.trace import read_trace
 from moeinf.runtime.trace_library import TraceLibrary
-from moeinf.runtime.trace_policy import routing_statistics
 
 TIME_MODELS = {"pcie": (0.5, 14.0), "ssd": (0.5, 120.0)}  # (compute ms per layer, transfer ms per expert)
 

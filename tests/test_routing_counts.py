@@ -14,10 +14,10 @@ from moeinf.runtime.routing_counts import (
     cross_distance,
     cross_weights,
     pair_distance,
+    routing_statistics,
 )
 from moeinf.runtime.trace import make_trace, routing_array
 from moeinf.runtime.trace_library import TraceLibrary
-from moeinf.runtime.trace_policy import routing_statistics
 
 L, E, K = 5, 6, 2
 
@@ -36,14 +36,46 @@ def random_trace(seed=0, requests=4):
     return make_trace(reqs, num_experts=E)
 
 
-def test_stats_from_counts_equal_the_policys_statistics_of_the_trace():
+def direct_statistics(trace, shrink=20.0, max_distance=3):
+    """Reuse and same-token follow probabilities computed straight from the token-level routing, token
+    by token (an independent reference for the counts' algebra)."""
+    x, E = trace.experts, trace.num_experts
+    T, L, _ = x.shape
+    last = set((np.asarray(trace.seq_offsets[1:]) - 1).tolist())
+    uses, both, base = np.zeros((L, E)), np.zeros((L, E)), np.zeros((L, E))
+    pair = {}
+    for t in range(T):
+        for layer in range(L):
+            for e in x[t, layer]:
+                uses[layer, e] += 1
+                if t not in last:
+                    base[layer, e] += 1
+                    both[layer, e] += e in x[t + 1, layer]
+                for hi in range(layer + 1, min(L, layer + max_distance + 1)):
+                    for f in x[t, hi]:
+                        pair[layer, hi, e, f] = pair.get((layer, hi, e, f), 0) + 1
+    layer_mean = both.sum(1, keepdims=True) / np.maximum(base.sum(1, keepdims=True), 1)
+    reuse = (both + shrink * layer_mean) / np.maximum(base + shrink, 1e-12)
+    rate = uses / T
+    follow = {
+        (lo, hi): [
+            [(pair.get((lo, hi, e, f), 0) + shrink * rate[hi, f]) / (uses[lo, e] + shrink) for f in range(E)]
+            for e in range(E)
+        ]
+        for lo in range(L)
+        for hi in range(lo + 1, min(L, lo + max_distance + 1))
+    }
+    return reuse, follow
+
+
+def test_stats_from_counts_equal_a_direct_count_of_the_trace():
     trace = random_trace()
-    want = routing_statistics(trace, max_distance=3)
-    got = RoutingCounts.from_trace(trace, max_distance=3).stats()
-    assert np.allclose(got.reuse, want.reuse)
-    assert set(got.follow) == set(want.follow)
-    for key in want.follow:
-        assert np.allclose(got.follow[key], want.follow[key])
+    reuse, follow = direct_statistics(trace, max_distance=3)
+    got = routing_statistics(trace, max_distance=3)  # = RoutingCounts.from_trace(...).stats()
+    assert np.allclose(got.reuse, reuse)
+    assert set(got.follow) == set(follow)
+    for key in follow:
+        assert np.allclose(got.follow[key], follow[key])
 
 
 def test_counts_add_up_request_by_request_and_merge():

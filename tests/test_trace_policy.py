@@ -7,9 +7,10 @@ from moeinf.bench.simulator import simulate
 from moeinf.runtime.expert_key import ExpertKey as K
 from moeinf.runtime.oracle import OraclePolicy
 from moeinf.runtime.policy import POLICIES, LruPolicy, make_policy
+from moeinf.runtime.routing_counts import routing_statistics
 from moeinf.runtime.trace import make_trace
 from moeinf.runtime.trace_library import TraceLibrary
-from moeinf.runtime.trace_policy import TracePolicy, routing_statistics
+from moeinf.runtime.trace_policy import TracePolicy
 
 
 def step(policy, layer, experts, insert=True):

@@ -14,10 +14,15 @@ model's layer indices (a dense layer's rows stay zero). numpy only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moeinf.errors import InvalidTrace
+
+if TYPE_CHECKING:
+    from moeinf.runtime.trace import Trace
 
 MAX_DISTANCE = 8  # layers ahead for same-token pairs (precision falls slowly with distance on gpt-oss)
 MAX_PAIR_CELLS = 1 << 20  # D x L x E x E: 8 MB of counts, and the policy's tables stay small in Python
@@ -41,6 +46,23 @@ def cross_distance(num_layers: int, num_experts: int, pair_dist: int, wanted: in
     per_distance = max(1, num_layers * num_experts * num_experts)
     x = min(wanted, pair_dist, MAX_PAIR_CELLS // per_distance - 2)
     return x if x >= 0 else -1
+
+
+@dataclass
+class RoutingStats:
+    """Token-level statistics of recorded routing, for the `trace` policy's predictions."""
+
+    reuse: list[list[float]]  # [L][E] P(used again by the next token | used now)
+    follow: dict[tuple[int, int], list[list[float]]]  # (l, m), l < m: [E][E] P(f at m | e at l), same token
+    # [L][k * E + e][f]: weight of e at layer l - k of a token for P(f at l, next token); last row:
+    # intercept (`cross_weights`); None without enough counts.
+    cross: list[np.ndarray] | None = None
+
+
+def routing_statistics(trace: Trace, shrink: float = 20.0, max_distance: int = 8) -> RoutingStats:
+    """The statistics of a whole trace (the simulator's `--library`, the evaluation's folds): the
+    same counts and the same solver as the run-time library's (`RoutingCounts.stats`)."""
+    return RoutingCounts.from_trace(trace, max_distance=max_distance).stats(shrink)
 
 
 class RoutingCounts:
@@ -118,11 +140,9 @@ class RoutingCounts:
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
     def stats(self, shrink: float = 20.0):
-        """The `trace` policy's statistics (`trace_policy.RoutingStats`): next-token reuse per expert,
+        """The `trace` policy's statistics (`RoutingStats`): next-token reuse per expert,
         shrunk towards its layer's mean by `shrink` uses (rare experts keep the layer's value), and
         P(f at layer m | e at layer l) of the same token, shrunk towards f's rate at m by `shrink`."""
-        from moeinf.runtime.trace_policy import RoutingStats
-
         layer_mean = self.reuses.sum(axis=1, keepdims=True) / np.maximum(
             self.with_next.sum(axis=1, keepdims=True), 1
         )  # [L, 1]

@@ -40,13 +40,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from moeinf.runtime.expert_key import ExpertKey
 from moeinf.runtime.policy import PolicyBase
-from moeinf.runtime.trace import Trace
+from moeinf.runtime.routing_counts import RoutingStats
 from moeinf.runtime.trace_library import TraceLibrary
 
 # Reuse hazard P(use at the next visit | r tokens since the last use) ~ A * r^-B (measured, see above).
@@ -71,55 +70,6 @@ def _check_points() -> list[int]:
 
 
 _NEXT_CHECK = _check_points()
-
-
-@dataclass
-class RoutingStats:
-    """Token-level statistics of recorded routing (`routing_statistics`), for the policy's predictions."""
-
-    reuse: list[list[float]]  # [L][E] P(used again by the next token | used now)
-    follow: dict[tuple[int, int], list[list[float]]]  # (l, m), l < m: [E][E] P(f at m | e at l), same token
-    # [L][k * E + e][f]: weight of e at layer l - k of a token for P(f at l, next token); last row:
-    # intercept (`routing_counts.cross_weights`); None without enough counts.
-    cross: list[np.ndarray] | None = None
-
-
-def routing_statistics(trace: Trace, shrink: float = 20.0, max_distance: int = 8) -> RoutingStats:
-    """Statistics of `trace`'s routing: next-token reuse per expert, shrunk towards its layer's mean by
-    `shrink` uses (rare experts keep the layer's value); P(f is routed at layer m | e at layer l) of
-    the same token for 0 < m - l <= `max_distance`, shrunk towards f's rate at m by `shrink` tokens.
-    numpy, once per library (a few seconds for 100k tokens)."""
-    x = trace.experts.astype(np.int64)  # [T, L, K]
-    T, L, K = x.shape
-    E = trace.num_experts
-    valid = x >= 0
-    onehot = np.zeros((T, L, E + 1), dtype=np.int8)  # column E collects the -1 padding
-    np.put_along_axis(onehot, np.where(valid, x, E), 1, axis=2)
-    onehot = onehot[:, :, :E]
-    uses = onehot.sum(axis=0).astype(np.float64)  # [L, E]
-    rate = uses / max(T, 1)
-    # Next-token reuse, within requests (the last token of a request has no next).
-    last = np.zeros(T, dtype=bool)
-    last[np.asarray(trace.seq_offsets[1:], dtype=np.int64) - 1] = True
-    both = (onehot[:-1] & onehot[1:])[~last[:-1]].sum(axis=0).astype(np.float64)  # [L, E]
-    base = uses - onehot[last].sum(axis=0)
-    layer_mean = both.sum(axis=1, keepdims=True) / np.maximum(base.sum(axis=1, keepdims=True), 1)
-    reuse = (both + shrink * layer_mean) / np.maximum(base + shrink, 1e-12)
-    follow = {}
-    for lo in range(L):
-        a = x[:, lo, :]  # [T, K]
-        for hi in range(lo + 1, min(L, lo + max_distance + 1)):
-            b = x[:, hi, :]
-            ok = (a[:, :, None] >= 0) & (b[:, None, :] >= 0)
-            pairs = (a[:, :, None] * E + b[:, None, :])[ok]
-            counts = np.bincount(pairs, minlength=E * E).reshape(E, E).astype(np.float64)
-            n = uses[lo][:, None]
-            follow[lo, hi] = ((counts + shrink * rate[hi][None, :]) / np.maximum(n + shrink, 1e-12)).tolist()
-    # The cross-token predictor is solved from counts, the same code as the run-time library's.
-    from moeinf.runtime.routing_counts import CROSS_DISTANCE, RoutingCounts
-
-    counts = RoutingCounts.from_trace(trace, max_distance=min(max_distance, CROSS_DISTANCE))
-    return RoutingStats(reuse=reuse.tolist(), follow=follow, cross=counts.stats(shrink).cross)
 
 
 def _absolute_rows(cross: list[np.ndarray]) -> list[np.ndarray]:
