@@ -43,7 +43,7 @@ def with_random_prefetch(base: type, seed: int, spec):
     return Prefetching()
 
 
-def run(stored, prompt_ids, slots: int | None, policy):
+def run(stored, prompt_ids, slots: int | None, policy, dtype: torch.dtype | None = None):
     spec = stored.manifest.spec
     layout = ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype)
     total = spec.num_experts * len(spec.moe_layers)
@@ -62,7 +62,7 @@ def run(stored, prompt_ids, slots: int | None, policy):
         caches.append(cache)
         return cache
 
-    engine = Engine.load(stored.name, device="cpu", provider=provider)
+    engine = Engine.load(stored.name, device="cpu", dtype=dtype, provider=provider)
     try:
         result = complete(engine, prompt_ids, GenerationParams(max_tokens=N, ignore_eos=True))
         sequence = prompt_ids + result.token_ids[:-1]
@@ -107,3 +107,8 @@ def test_cache_is_invisible(family, checkpoint):
         assert tokens == expected, f"{family} slots={slots} trace"
         assert torch.equal(logits, reference_logits), f"{family} slots={slots} trace"
     assert len(open_model_library(stored)) >= 1  # finished requests went into the library
+    # Half activations (CUDA's default) with the router lookahead on: a family that routes in fp32
+    # keeps its router weight fp32 (DeepSeek-V3), and the lookahead must route as the block does.
+    half, _ = run(stored, prompt_ids, None, LruPolicy(), dtype=torch.bfloat16)
+    tokens, _ = run(stored, prompt_ids, budgets[0], model_policy("trace", stored), dtype=torch.bfloat16)
+    assert tokens == half, f"{family} bf16 trace"

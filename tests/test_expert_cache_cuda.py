@@ -1,6 +1,6 @@
 """The expert cache on CUDA: GPU slots in front of pinned RAM slots, copies on their own stream.
 
-Skipped without a GPU; `scripts/gpu_check.sh` runs these on a lent GPU machine.
+Skipped without a GPU; `scripts/gpu_session.sh` runs these on a lent GPU machine.
 """
 
 import random

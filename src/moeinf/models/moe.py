@@ -53,12 +53,16 @@ class MoEBlock(nn.Module):
         self.hook: RoutingHook | None = None  # sees, and may replace, the router's choices
         self.last_ids: torch.Tensor | None = None  # [T, K] ids of the latest call
 
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, E], in fp32 where the family routes in fp32 (its router weight is kept fp32
+        then, while activations may be half)."""
+        if self.routing.logits_fp32:
+            return F.linear(x.float(), self.router.weight.float())
+        return F.linear(x, self.router.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
-        if r.logits_fp32:
-            logits = F.linear(x.float(), self.router.weight.float())  # [T, E]
-        else:
-            logits = F.linear(x, self.router.weight)  # [T, E]
+        logits = self.router_logits(x)  # [T, E]
         weights, ids = route(
             logits,
             top_k=self.top_k,

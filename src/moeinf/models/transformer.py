@@ -42,7 +42,7 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.attn = GQAAttention(spec, layer) if spec.attention.kind == "gqa" else MLAAttention(spec, layer)
         self.is_moe = spec.is_moe_layer(layer)
-        # (next MoE layer's post-attention norm, its router, its index, provider), set by enable_lookahead.
+        # (next MoE layer's post-attention norm, its MoE block, its index, provider), set by enable_lookahead.
         self.lookahead: tuple | None = None
         self.lookahead_k = spec.top_k
         self.lookahead_on = True
@@ -56,8 +56,8 @@ class DecoderLayer(nn.Module):
         if self.lookahead is not None and self.lookahead_on and h.shape[0] == 1:
             # Decode: the next MoE layer's router on this residual stream predicts its experts one
             # layer early (a hint for the cache policy; the real routing happens there as usual).
-            norm, router, layer, provider = self.lookahead
-            logits = torch.nn.functional.linear(norm(h), router.weight)  # [1, E]
+            norm, moe, layer, provider = self.lookahead
+            logits = moe.router_logits(norm(h))  # [1, E]
             provider.lookahead(layer, logits.topk(self.lookahead_k, dim=-1).indices[0].tolist())
         ffn = self.moe if self.is_moe else self.mlp
         return h + ffn(self.post_attn_norm(h))
@@ -156,7 +156,7 @@ class Decoder(nn.Module):
         moe = [i for i, layer in enumerate(self.layers) if layer.is_moe]
         for here, nxt in zip(moe, moe[1:], strict=False):
             target = self.layers[nxt]
-            self.layers[here].lookahead = (target.post_attn_norm, target.moe.router, nxt, provider)
+            self.layers[here].lookahead = (target.post_attn_norm, target.moe, nxt, provider)
 
     def reset(self) -> None:
         """Forget the session: the next forward starts at position 0.
