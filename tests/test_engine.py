@@ -87,3 +87,34 @@ def test_provider_factory_seam_with_the_expert_cache(checkpoint):
         assert stats["requests"] == stats["hits"] + stats["misses"] > 0
     finally:
         cached.close()
+
+
+def test_trace_policy_only_records_when_every_expert_fits(checkpoint):
+    """At a budget that holds every expert nothing is evicted: `trace` skips its per-layer bookkeeping
+    (and the decoder its router lookahead) but still feeds the model's trace library."""
+    from moeinf.runtime.cache_plan import cache_factory, describe
+    from moeinf.runtime.trace_library import LibraryRecorder, open_model_library
+    from moeinf.runtime.trace_policy import TracePolicy
+
+    ckpt = str(checkpoint("mixtral"))
+    resident = Engine.load(ckpt, device="cpu")
+    prompt = resident.tokenizer.encode("Hello world")
+    params = GenerationParams(max_tokens=8, ignore_eos=True)
+    expected = complete(resident, prompt, params).token_ids
+    plans = []
+    for budget, kind in (("100%", LibraryRecorder), ("50%", TracePolicy)):
+        engine = Engine.load(
+            "mixtral",
+            device="cpu",
+            provider=cache_factory(ram_mem=budget, policy="trace", on_plan=lambda p, c: plans.append(p)),
+        )
+        try:
+            assert type(engine.provider.policy) is kind
+            assert engine.provider.wants_lookahead == (kind is TracePolicy)
+            before = open_model_library(engine.stored).requests.sum()
+            assert complete(engine, prompt, params).token_ids == expected
+            assert open_model_library(engine.stored).requests.sum() == before + 1  # the request was learnt
+        finally:
+            engine.close()
+    assert any("only records" in line for line in describe(plans[0]))
+    assert not any("only records" in line for line in describe(plans[1]))

@@ -197,6 +197,11 @@ def model_policy(name: str, stored, library=None):
     )
 
 
+def _all_fit(plan: CachePlan, spec) -> bool:
+    """Whether the compute tier holds every routed expert of the model (no eviction can happen)."""
+    return plan.slots >= len(spec.moe_layers) * spec.num_experts
+
+
 def cache_factory(
     *,
     ram_mem: str | None = None,
@@ -227,7 +232,17 @@ def cache_factory(
             from moeinf.runtime.trace_library import open_model_library
 
             library = open_model_library(stored)
-        cache = build_cache(plan, stored.expert_path, policy=model_policy(policy, stored, library))
+        if library is not None and _all_fit(plan, spec):
+            from moeinf.runtime.trace_library import LibraryRecorder
+
+            chosen = LibraryRecorder(library)
+            plan.reasons.append(
+                "trace: every expert fits, so nothing is ever evicted: the policy only records this "
+                "model's routing for its trace library"
+            )
+        else:
+            chosen = model_policy(policy, stored, library)
+        cache = build_cache(plan, stored.expert_path, policy=chosen)
         if library is not None:  # finished requests' decode routing feeds the library's statistics
             # (not saved here: the policy saves the library when it adds the request's EAM just after)
             cache.record_routing(partial(library.add_routing, save=False), spec.num_layers)
