@@ -1,34 +1,18 @@
-"""The `trace` policy: evict by expected time to next use, learned from this request and the library.
+"""The `trace` policy: evict by expected time to next use (ET), learned from this request and the library.
 
 Every token sweeps the layers in order, so in a pool shared by all layers the expert needed soonest
-is one of the layer about to run, and LRU evicts exactly those. This policy estimates, for each
-resident expert (l, e), the time of its next use in layer steps (token * L + layer):
-
-    ET = next visit of layer l + L * (1 - p) / q
-
-where p is the probability that the next visit of layer l uses e and q its long-run rate per token.
-p comes from recency: the measured reuse hazard falls with the tokens r since the last use (0.46 at
-r=1, 0.25 at r=2, ~0.46 r^-0.69 on the shared gpt-oss trace) and is raised to q when q is larger;
-q blends the expert's recent use rate (uses decayed by `decay` per token) with a prior rate from the
-trace library (the stored EAMs closest to the request's partial EAM by cosine similarity of
-per-layer normalised rows, re-matched every `rematch_every` tokens), weighted as `prior_weight`
-tokens. The victim is the resident
-expert with the largest ET (never one of the running layer: `can_evict`). At run time the next
-layer's router applied early (`on_router_lookahead`) raises the next-visit probability of the
-experts it predicts. With token-level statistics of recorded routing (`routing=`, from
-`routing_statistics` of the library's traces): the hazard is scaled by each expert's own next-token
-reuse (0.06 to 0.79 within one layer of gpt-oss); for the layers already passed in this token, whose
-next visit is the next token, p is replaced by a cross-token prediction: a linear model per layer
-(ridge regression on the library's counts, `routing_counts.cross_weights`) of P(e at layer l, next
-token) from this token's routing at layers l-4..l (top-4 precision 0.56 on gpt-oss, against 0.45
-for the previous token's choice), computed once per layer call; and before an expert of a layer
-still ahead in this token is evicted, its p is averaged with P(e at its layer | the running layer's
-experts) of the same token (cross-layer co-occurrence: top-4 precision 0.59 one layer ahead on
-gpt-oss, 0.51 twelve ahead, against 0.47 for the previous token's choice); a lower ET re-files it.
-A demand miss whose own ET after this use is larger than the victim's bypasses the cache (a scratch
-slot, no eviction). The prefetch plan names experts of the next layer whose next-visit probability
-is high and whose ET is below the current victim's, a few at most, so prefetches never push out more
-useful experts and leave the transfer channel to demand fetches.
+is one of the layer about to run, and LRU evicts exactly those. This policy keeps, for each resident
+expert, its ET in layer steps (how it is estimated: runtime/next_use.py) and evicts the one with the
+largest ET (never one of the running layer: `can_evict`). The prior rates come from the trace
+library: the stored EAMs closest to the request's partial EAM by cosine similarity of per-layer
+normalised rows, re-matched every `rematch_every` tokens, weighted as `prior_weight` tokens. At run
+time the next layer's router applied early (`on_router_lookahead`) raises the next-visit
+probability of the experts it predicts. Before an expert of a layer still ahead in this token is
+evicted, its ET is re-estimated with the running layer's experts (same-token co-occurrence); a
+lower ET re-files it. A demand miss whose own ET after this use is larger than the victim's
+bypasses the cache (a scratch slot, no eviction). The prefetch plan names experts of the next layer
+whose next-visit probability is high and whose ET is below the current victim's, a few at most, so
+prefetches never push out more useful experts and leave the transfer channel to demand fetches.
 
 Speed: an expert's ET changes only when it is used or when its layer runs without it; it is
 recomputed at each use and then at the visits of its layer r = 1, 2, 3, 4, 6, 8, 12, ... tokens
@@ -44,52 +28,13 @@ from collections.abc import Callable, Container, Sequence
 import numpy as np
 
 from moeinf.runtime.expert_key import ExpertKey
+from moeinf.runtime.next_use import HAZARD_A, MAX_R, NEXT_CHECK, NextUseEstimates, absolute_rows
 from moeinf.runtime.policy import PolicyBase
 from moeinf.runtime.routing_counts import RoutingStats
 from moeinf.runtime.trace_library import TraceLibrary
 
-# Reuse hazard P(use at the next visit | r tokens since the last use) ~ A * r^-B (measured, see above).
-HAZARD_A = 0.46
-HAZARD_B = 0.69
-_HAZARD = [1.0] + [HAZARD_A * r**-HAZARD_B for r in range(1, 4097)]
-MAX_R = 4096
 
-
-def _check_points() -> list[int]:
-    """For each r, the next recency (tokens since the last use) at which the ET is recomputed."""
-    points, r = [1, 2, 3], 4
-    while r <= MAX_R:
-        points += [r, r * 3 // 2]
-        r *= 2
-    nxt, j = [], 0
-    for r in range(MAX_R + 1):
-        while j < len(points) and points[j] <= r:
-            j += 1
-        nxt.append(points[j] if j < len(points) else 0)
-    return nxt
-
-
-_NEXT_CHECK = _check_points()
-
-
-def _absolute_rows(cross: list[np.ndarray]) -> list[np.ndarray]:
-    """`RoutingStats.cross` tables ([(X + 1) * E + 1, E], row k * E + e for e at layer l - k) re-laid
-    as [L * E + 1, E], row a * E + e for e at layer a (zero outside the window): a token's routing
-    then indexes every layer's table alike."""
-    L = len(cross)
-    F, E = cross[0].shape
-    X = (F - 1) // E - 1
-    out = []
-    for m, table in enumerate(cross):
-        full = np.zeros((L * E + 1, E))
-        for k in range(min(X, m) + 1):
-            full[(m - k) * E : (m - k + 1) * E] = table[k * E : (k + 1) * E]
-        full[-1] = table[-1]
-        out.append(full)
-    return out
-
-
-class TracePolicy(PolicyBase):
+class TracePolicy(NextUseEstimates, PolicyBase):
     """See the module docstring. `library` (optional) supplies priors and receives finished requests."""
 
     name = "trace"
@@ -174,7 +119,7 @@ class TracePolicy(PolicyBase):
         self._xnow: dict[int, list[float]] = {}  # layer passed in this token -> P(e at it, next token)
         if routing is not None:
             if cross and routing.cross is not None:
-                self._cross = _absolute_rows(routing.cross)
+                self._cross = absolute_rows(routing.cross)
                 E = routing.cross[0].shape[1]
                 self._xd = (routing.cross[0].shape[0] - 1) // E - 1
             if own_reuse:
@@ -295,26 +240,6 @@ class TracePolicy(PolicyBase):
         if self.library is not None and self.rematch_every and self._n % self.rematch_every == 0:
             self._set_prior(self.request_eam())
 
-    def _predict_next(self, keys: Sequence[ExpertKey]) -> bool:
-        """The cross-token prediction for the running layer's next visit, from this token's routing at
-        this layer (`keys`) and the layers before it; False for a layer without a table."""
-        c = self._c
-        if c >= len(self._cross):
-            return False
-        table = self._cross[c]
-        flat, pos = self._xflat, self._xpos
-        start = pos[c] = len(flat)
-        E = table.shape[1]
-        flat += [c * E + k[1] for k in keys]
-        for a in range(c - self._xd, c):  # the earliest layer of the window that ran in this token
-            if a in pos:
-                start = pos[a]
-                break
-        rows = flat[start:]
-        rows.append(len(table) - 1)  # the intercept
-        self._xnow[c] = np.add.reduce(table.take(rows, 0)).tolist()  # numpy: 2x faster than zip here
-        return True
-
     def _refresh_layer(self) -> None:
         """The running layer did not use some experts it was expected to: recompute their ETs."""
         self._due = False
@@ -347,7 +272,7 @@ class TracePolicy(PolicyBase):
             et = stored[key] = self._et(key)
             heapq.heappush(heap, (-et, key))
             r = t - seen if seen >= 0 else t - self._inserted.get(key, t)
-            nxt = _NEXT_CHECK[r] if r <= MAX_R else 0
+            nxt = NEXT_CHECK[r] if r <= MAX_R else 0
             if nxt:
                 self._schedule(key, t + nxt - r)
 
@@ -432,59 +357,6 @@ class TracePolicy(PolicyBase):
     def _not_running(self, key: ExpertKey) -> bool:
         return key not in self._running
 
-    def _p_next(self, key: ExpertKey) -> float:
-        """Probability that the next visit of the key's layer uses it (as in `_et`)."""
-        return self._estimate(key)[1]
-
-    def _estimate(self, key: ExpertKey) -> tuple[int, float, float]:
-        """(token of the next visit of the key's layer, probability that this visit uses the key, its
-        long-run use rate per token)."""
-        layer, e = key
-        t = self._t
-        tv = t if layer > self._c else t + 1  # token of the layer's next visit
-        seen = self._last.get(key)
-        prior = self._prior
-        rate = prior[layer][e] if prior else self._default_rate
-        n = self._n
-        span = self._span[n if n < MAX_R else MAX_R] + self.kappa
-        if seen is None:
-            p = 0.0
-            q = self.kappa * rate / span
-        else:
-            r = tv - seen
-            if r > MAX_R:
-                r = MAX_R
-            p = _HAZARD[r]
-            if self._reuse is not None:  # this expert's own reuse instead of the average's
-                p *= self._reuse[layer][e]
-                if p > 0.99:
-                    p = 0.99
-            q = (self._ew[key] * self._pow[r] + self.kappa * rate) / span
-        if q > p:
-            p = q
-        if tv != t:
-            pred = self._xnow.get(layer)
-            if pred is not None:
-                # A layer already passed in this token: its next visit is the next token, which the
-                # cross-token predictor forecasts from this token's routing (top-4 precision 0.56 on
-                # gpt-oss, against 0.45 for reuse); on a dev subset replacing p beat averaging.
-                p = pred[e]
-                if p < 0.01:
-                    p = 0.01
-                elif p > 0.99:
-                    p = 0.99
-        if self._ahead and self._ahead.get(key) == tv and self.lookahead_p > p:
-            p = self.lookahead_p
-        return tv, p, q
-
-    def _et(self, key: ExpertKey) -> float:
-        """Expected layer step of the next use of `key`, seen from the running layer."""
-        L = self.L or (self._max_layer + 1)
-        tv, p, q = self._estimate(key)
-        if q < 1e-3:
-            q = 1e-3
-        return tv * L + key[0] + L * (1.0 - p) / q
-
     def _top(self, can_evict: Callable[[ExpertKey], bool]) -> tuple[float, ExpertKey] | None:
         """(ET, key) of the evictable resident with the largest ET (as last computed)."""
         heap, stored, resident = self._heap, self._stored, self._resident
@@ -517,22 +389,6 @@ class TracePolicy(PolicyBase):
             self._heap = [(-et, key) for key, et in stored.items()]
             heapq.heapify(self._heap)
         return found
-
-    def _et_follow(self, key: ExpertKey) -> float | None:
-        """The ET of `key` (of a layer ahead in this token) with its next-visit probability informed by
-        the running layer's experts (None without statistics for that layer pair)."""
-        table = self._follow.get((self._c, key[0])) if self._follow is not None else None
-        if table is None:
-            return None
-        e = key[1]
-        running = self._running
-        pf = sum(table[k[1]][e] for k in running) / len(running)
-        tv, p, q = self._estimate(key)
-        p = 0.5 * (p + pf)  # averaged: on a dev subset as good as max, replace or naive Bayes
-        if q < 1e-3:
-            q = 1e-3
-        L = self.L or (self._max_layer + 1)
-        return tv * L + key[0] + L * (1.0 - p) / q
 
     def _rebuild(self) -> None:
         """Fresh heap from the residents (after the prior or the position scale changed)."""
