@@ -24,7 +24,7 @@ import numpy as np
 
 from moeinf.errors import BadOption
 from moeinf.runtime.expert_key import ExpertKey
-from moeinf.runtime.policy import Policy, PolicyBase, make_policy
+from moeinf.runtime.policy import Policy, PolicyBase, batched_access, fused_hook, make_policy
 from moeinf.runtime.trace import Trace
 
 
@@ -98,35 +98,6 @@ def make_sim_policy(name: str, trace: Trace, **options) -> Policy:
     return make_policy(name, **options)
 
 
-def _owner(cls: type, name: str) -> type | None:
-    """The class in `cls`'s MRO that defines `name`."""
-    return next((c for c in cls.__mro__ if name in c.__dict__), None)
-
-
-def _fused(policy: Policy, hook: str, parts: Sequence[str]) -> bool:
-    """Whether the policy's `hook` stands for its `parts` hooks: defined in a class at least as specific
-    as each of theirs (a subclass that overrides a part gets the parts called one by one)."""
-    owner = _owner(type(policy), hook)
-    return owner is not None and all(
-        (part_owner := _owner(type(policy), part)) is not None and issubclass(owner, part_owner)
-        for part in parts
-    )
-
-
-def _batched_access(policy: Policy) -> Callable[[Sequence[ExpertKey], Sequence[ExpertKey]], None]:
-    """`on_accesses(keys, missed)` of the policy when it is at least as specific as its `on_access` (a
-    subclass that overrides only `on_access` gets it called per key), else a per-key loop over it."""
-    if _fused(policy, "on_accesses", ("on_access",)):
-        return policy.on_accesses  # type: ignore[attr-defined]
-    on_access = policy.on_access
-
-    def each(keys: Sequence[ExpertKey], missed: Sequence[ExpertKey]) -> None:
-        for k in keys:
-            on_access(k, k not in missed)
-
-    return each
-
-
 def _default(policy: Policy, hook: str) -> bool:
     """Whether `policy` keeps PolicyBase's no-op `hook`."""
     return getattr(type(policy), hook, None) is getattr(PolicyBase, hook)
@@ -180,13 +151,13 @@ def simulate(
     queued: set[ExpertKey] = set()
     ready_at: dict[ExpertKey, float] = {}  # started transfers: when they land
     accesses = misses = issued = used = wasted = bypasses = 0
-    on_accesses = _batched_access(policy)
+    on_accesses = batched_access(policy)
     choose_victim, on_insert, on_evict = policy.choose_victim, policy.on_insert, policy.on_evict
     # Hooks a policy leaves at PolicyBase's no-op defaults are not called (same outcome, less time).
     plan_prefetch = None if _default(policy, "plan_prefetch") else policy.plan_prefetch
     should_bypass = None if _default(policy, "should_bypass") else policy.should_bypass
     replace = (
-        policy.replace if _fused(policy, "replace", ("choose_victim", "on_evict", "on_insert")) else None
+        policy.replace if fused_hook(policy, "replace", ("choose_victim", "on_evict", "on_insert")) else None
     )  # type: ignore[attr-defined]
 
     if per_layer:

@@ -22,7 +22,7 @@ from moeinf.runtime.cache_stats import CacheStats
 from moeinf.runtime.expert_key import ExpertKey
 from moeinf.runtime.expert_provider import ExpertWeights
 from moeinf.runtime.expert_store import DATA_OFFSET, ExpertLayout, ExpertReader
-from moeinf.runtime.policy import Policy
+from moeinf.runtime.policy import Policy, batched_access
 from moeinf.runtime.slot_pool import SlotPool, torch_dtype
 from moeinf.runtime.slot_tier import FILLING, READY, Tier
 from moeinf.runtime.trace import routing_array
@@ -52,6 +52,7 @@ class ExpertCache:
         self.layout = layout
         self.device = device
         self.policy = policy
+        self._on_accesses = batched_access(policy)  # one policy call per layer call where it has one
         self.stats = CacheStats()
         self._cv = threading.Condition()
         self._prefetched: set[ExpertKey] = set()  # prefetched, not yet used
@@ -114,12 +115,11 @@ class ExpertCache:
         if self._routing_sink is not None and len(keys) == self.bulk_threshold:
             self._routing_log.append((layer, [k.expert for k in keys]))  # one decode token's layer
         with self._cv:
+            self._on_accesses(keys, [k for k in keys if k not in tier.slot_of])
             for key in keys:
                 slot = tier.slot_of.get(key)
-                hit = slot is not None
                 stats.requests += 1
-                self.policy.on_access(key, hit)
-                if hit:
+                if slot is not None:
                     stats.hits += 1
                     tier.pins[slot] += 1
                     job = tier.job[slot]

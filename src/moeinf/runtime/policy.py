@@ -223,6 +223,35 @@ class LfuPolicy(PolicyBase):
         return victim
 
 
+def _hook_owner(cls: type, name: str) -> type | None:
+    """The class in `cls`'s MRO that defines `name`."""
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
+def fused_hook(policy: Policy, hook: str, parts: Sequence[str]) -> bool:
+    """Whether the policy's `hook` stands for its `parts` hooks: defined in a class at least as specific
+    as each of theirs (a subclass that overrides a part gets the parts called one by one)."""
+    owner = _hook_owner(type(policy), hook)
+    return owner is not None and all(
+        (part_owner := _hook_owner(type(policy), part)) is not None and issubclass(owner, part_owner)
+        for part in parts
+    )
+
+
+def batched_access(policy: Policy) -> Callable[[Sequence[ExpertKey], Sequence[ExpertKey]], None]:
+    """`on_accesses(keys, missed)` of the policy when it is at least as specific as its `on_access` (a
+    subclass that overrides only `on_access` gets it called per key), else a per-key loop over it."""
+    if fused_hook(policy, "on_accesses", ("on_access",)):
+        return policy.on_accesses  # type: ignore[attr-defined]
+    on_access = policy.on_access
+
+    def each(keys: Sequence[ExpertKey], missed: Sequence[ExpertKey]) -> None:
+        for k in keys:
+            on_access(k, k not in missed)
+
+    return each
+
+
 def _trace_policy(**options: Any) -> Policy:
     from moeinf.runtime.trace_policy import TracePolicy  # imported late: it imports this module
 
