@@ -222,6 +222,34 @@ class LfuPolicy(PolicyBase):
             heapq.heappush(heap, entry)
         return victim
 
+    def replace(self, key: ExpertKey, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """choose_victim + on_evict + on_insert in one pass (the simulator's fast path): the victim's
+        entry is on top when found, so the new key's entry replaces it (evicted entries are otherwise
+        dropped lazily; the victim is the same either way: the least (count, last) among the evictable)."""
+        heap, count, last, resident = self._heap, self._count, self._last, self._resident
+        held: list[tuple[int, int, ExpertKey]] = []
+        victim = None
+        while heap:
+            c, t, k = heap[0]
+            if k not in resident:
+                heapq.heappop(heap)
+                continue
+            now = (count.get(k, 0), last[k], k)
+            if now[0] != c or now[1] != t:
+                heapq.heapreplace(heap, now)
+                continue
+            if can_evict(k):
+                victim = k
+                break
+            held.append(heapq.heappop(heap))
+        if victim is not None:
+            resident.discard(victim)
+            resident.add(key)
+            heapq.heapreplace(heap, (count.get(key, 0), last.setdefault(key, self._tick), key))
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return victim
+
 
 def _hook_owner(cls: type, name: str) -> type | None:
     """The class in `cls`'s MRO that defines `name`."""
