@@ -202,9 +202,33 @@ class LfuPolicy(PolicyBase):
         self._resident.discard(key)
 
     def choose_victim(self, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        victim, held = self._find_victim(can_evict)
+        for entry in held:
+            heapq.heappush(self._heap, entry)
+        return victim
+
+    def replace(self, key: ExpertKey, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """choose_victim + on_evict + on_insert in one pass (the simulator's fast path): the victim's
+        entry is on top when found, so the new key's entry replaces it (evicted entries are otherwise
+        dropped lazily; the victim is the same either way: the least (count, last) among the evictable)."""
+        victim, held = self._find_victim(can_evict)
+        heap = self._heap
+        if victim is not None:
+            self._resident.discard(victim)
+            self._resident.add(key)
+            entry = (self._count.get(key, 0), self._last.setdefault(key, self._tick), key)
+            heapq.heapreplace(heap, entry)
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return victim
+
+    def _find_victim(
+        self, can_evict: Callable[[ExpertKey], bool]
+    ) -> tuple[ExpertKey | None, list[tuple[int, int, ExpertKey]]]:
+        """The resident key with the least current (count, last) that `can_evict` accepts, its entry
+        left on top of the heap, and the entries popped on the way (not evictable): push them back."""
         heap, count, last, resident = self._heap, self._count, self._last, self._resident
         held: list[tuple[int, int, ExpertKey]] = []
-        victim = None
         while heap:
             c, t, key = heap[0]
             if key not in resident:
@@ -215,40 +239,9 @@ class LfuPolicy(PolicyBase):
                 heapq.heapreplace(heap, now)  # used since: re-file with its current values
                 continue
             if can_evict(key):
-                victim = key
-                break
+                return key, held
             held.append(heapq.heappop(heap))
-        for entry in held:
-            heapq.heappush(heap, entry)
-        return victim
-
-    def replace(self, key: ExpertKey, can_evict: Callable[[ExpertKey], bool]) -> ExpertKey | None:
-        """choose_victim + on_evict + on_insert in one pass (the simulator's fast path): the victim's
-        entry is on top when found, so the new key's entry replaces it (evicted entries are otherwise
-        dropped lazily; the victim is the same either way: the least (count, last) among the evictable)."""
-        heap, count, last, resident = self._heap, self._count, self._last, self._resident
-        held: list[tuple[int, int, ExpertKey]] = []
-        victim = None
-        while heap:
-            c, t, k = heap[0]
-            if k not in resident:
-                heapq.heappop(heap)
-                continue
-            now = (count.get(k, 0), last[k], k)
-            if now[0] != c or now[1] != t:
-                heapq.heapreplace(heap, now)
-                continue
-            if can_evict(k):
-                victim = k
-                break
-            held.append(heapq.heappop(heap))
-        if victim is not None:
-            resident.discard(victim)
-            resident.add(key)
-            heapq.heapreplace(heap, (count.get(key, 0), last.setdefault(key, self._tick), key))
-        for entry in held:
-            heapq.heappush(heap, entry)
-        return victim
+        return None, held
 
 
 def _hook_owner(cls: type, name: str) -> type | None:
