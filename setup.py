@@ -1,13 +1,15 @@
-"""Package build hook: ship the native kernels' C source in the package and, when a C compiler is
-present, compile it once at build time (`pip install .`). Without a compiler the build still
-succeeds: moeinf compiles on first use, or falls back to torch (src/moeinf/kernels/build.py).
-Project metadata lives in pyproject.toml.
+"""Package build hook: ship the C sources in the package and, when a C compiler is present, compile
+them once at build time (`pip install .`): the native kernels (src/moeinf/kernels/build.py) and the
+trace policy's core (src/moeinf/runtime/trace_policy_native.py, a CPython extension). Without a
+compiler the build still succeeds: moeinf compiles on first use, or falls back to torch and to the
+Python policy. Project metadata lives in pyproject.toml.
 """
 
 import ast
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
@@ -15,6 +17,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "native" / "moeinf_kernels.c"
+TRACE_CORE = HERE / "native" / "moeinf_trace_core.c"
 
 
 def _compiler() -> str | None:
@@ -24,11 +27,10 @@ def _compiler() -> str | None:
     return None
 
 
-def _build_constants() -> dict:
-    """FLAGS, LIBS and LIBRARY_NAME as moeinf/kernels/build.py defines them (one place of truth; read
-    with ast because importing the package would need torch, absent from an isolated build env)."""
-    tree = ast.parse((HERE / "src" / "moeinf" / "kernels" / "build.py").read_text())
-    wanted = {"FLAGS", "LIBS", "LIBRARY_NAME"}
+def _build_constants(module: str = "kernels/build.py", wanted=("FLAGS", "LIBS", "LIBRARY_NAME")) -> dict:
+    """Constants as a module of the package defines them (one place of truth; read with ast because
+    importing the package would need torch, absent from an isolated build env)."""
+    tree = ast.parse((HERE / "src" / "moeinf" / module).read_text())
     return {
         node.targets[0].id: ast.literal_eval(node.value)
         for node in tree.body
@@ -52,6 +54,21 @@ class BuildWithKernels(build_py):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:  # not fatal: the run-time build or torch takes over
             print(f"moeinf: building the native kernels failed, torch will be used:\n{proc.stderr}")
+        self._build_trace_core(cc, Path(self.build_lib) / "moeinf" / "runtime")
+
+    def _build_trace_core(self, cc: str, dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(TRACE_CORE, dest / TRACE_CORE.name)
+        consts = _build_constants("runtime/trace_policy_native.py", ("FLAGS", "MODULE_NAME"))
+        include = sysconfig.get_paths()["include"]
+        if not (Path(include) / "Python.h").is_file():
+            print("moeinf: no Python headers: the trace core will be compiled on first use or skipped")
+            return
+        module = dest / (consts["MODULE_NAME"] + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+        cmd = [cc, *consts["FLAGS"], f"-I{include}", "-o", str(module), str(TRACE_CORE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:  # not fatal: the run-time build or the Python policy takes over
+            print(f"moeinf: building the trace core failed:\n{proc.stderr}")
 
 
 setup(cmdclass={"build_py": BuildWithKernels})

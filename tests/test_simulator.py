@@ -203,7 +203,12 @@ def test_batched_accesses_equal_per_key_calls(name, capacity):
         def choose_victim(self, can_evict):
             return super().choose_victim(can_evict)
 
-    slow = PerKey(tr.experts, tr.num_experts) if name == "oracle" else PerKey()
+    shape = {"num_layers": tr.num_layers, "num_experts": tr.num_experts, "top_k": tr.top_k}
+    slow = (
+        PerKey(tr.experts, tr.num_experts)
+        if name == "oracle"
+        else PerKey(**(shape if name == "trace" else {}))
+    )
     got, want = [], []
     a = simulate(tr, fast, capacity=capacity, on_fetch=lambda k, pf: got.append((k, pf)))
     b = simulate(tr, slow, capacity=capacity, on_fetch=lambda k, pf: want.append((k, pf)))

@@ -95,6 +95,13 @@ def make_sim_policy(name: str, trace: Trace, **options) -> Policy:
         from moeinf.runtime.oracle import OraclePolicy
 
         return OraclePolicy(trace.experts, trace.num_experts)
+    if name == "trace":  # the shape from the start (and the native core, which needs it)
+        options = {
+            "num_layers": trace.num_layers,
+            "num_experts": trace.num_experts,
+            "top_k": trace.top_k,
+            **options,
+        }
     return make_policy(name, **options)
 
 

@@ -12,10 +12,7 @@ callers then use torch. No torch here.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -23,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeinf import settings
+from moeinf.native_build import compile_cached, find_compiler, native_source
 
 SOURCE_NAME = "moeinf_kernels.c"
 LIBRARY_NAME = "libmoeinf_kernels.so"
@@ -50,13 +48,8 @@ _state: _State | None = None
 
 
 def source_path() -> Path | None:
-    """The C source: native/ of the source tree this package runs from (editable installs, checkouts),
-    else the copy the package build put next to this module (wheels, `pip install .`)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[3] / "native" / SOURCE_NAME, here.parent / SOURCE_NAME):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The kernels' C source (native/ of the source tree, else the copy beside this module)."""
+    return native_source(SOURCE_NAME, Path(__file__).resolve().parent)
 
 
 def prebuilt_path() -> Path | None:
@@ -65,53 +58,9 @@ def prebuilt_path() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def find_compiler() -> str | None:
-    chosen = settings.c_compiler()
-    if chosen:
-        return shutil.which(chosen)
-    for name in ("cc", "gcc", "clang"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _compiler_id(cc: str) -> str:
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    return out.splitlines()[0] if out else cc
-
-
 def build(source: Path, cc: str, out_dir: Path) -> Path:
-    """Compile `source` into out_dir/<hash>/libmoeinf_kernels.so unless it is there; return its path.
-
-    Raises OSError / subprocess.CalledProcessError on failure (the compiler's stderr in the message).
-    """
-    code = source.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join(
-            [code, " ".join(FLAGS + LIBS).encode(), _compiler_id(cc).encode(), platform.machine().encode()]
-        )
-    ).hexdigest()[:16]
-    target = out_dir / key / LIBRARY_NAME
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [cc, *FLAGS, "-o", tmp, str(source), *LIBS], capture_output=True, text=True, timeout=300
-        )
-        if proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
-        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    """Compile the kernel library into out_dir/<hash>/ unless it is there; return its path."""
+    return compile_cached(source, cc, out_dir, flags=FLAGS, libs=LIBS, name=LIBRARY_NAME)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -174,6 +174,11 @@ def describe(plan: CachePlan, cache: ExpertCache | None = None) -> list[str]:
     if cache is not None:
         mode = {"direct": "direct I/O (O_DIRECT)", "buffered": "buffered reads + POSIX_FADV_DONTNEED"}
         lines.append(f"store reads: {mode.get(cache.reader.mode or '', 'decided at the first read')}")
+        from moeinf.runtime.trace_library import LibraryRecorder
+        from moeinf.runtime.trace_policy_native import describe_engine
+
+        if cache.policy.name == "trace" and not isinstance(cache.policy, LibraryRecorder):
+            lines.append(describe_engine(cache.policy))
     return lines
 
 

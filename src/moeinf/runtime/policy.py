@@ -274,9 +274,10 @@ def batched_access(policy: Policy) -> Callable[[Sequence[ExpertKey], Sequence[Ex
 
 
 def _trace_policy(**options: Any) -> Policy:
-    from moeinf.runtime.trace_policy import TracePolicy  # imported late: it imports this module
+    # imported late: it imports this module
+    from moeinf.runtime.trace_policy_native import make_trace_policy
 
-    return TracePolicy(**options)
+    return make_trace_policy(**options)
 
 
 def _oracle_policy(**options: Any) -> Policy:

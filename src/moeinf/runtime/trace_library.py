@@ -279,13 +279,13 @@ class TraceLibrary:
         L, E = self.num_layers, self.num_experts
         if not len(self):
             return np.full((L, E), self.top_k / E)
-        rates = self.eams / np.maximum(self.tokens, 1)[:, None, None]  # [N, L, E]
         if eam is None or np.asarray(eam).sum() <= 0:
             return (self.eams.sum(axis=0) / max(int(self.tokens.sum()), 1)).astype(np.float64)
         sims = self.similarities(eam)
         top = np.argsort(-sims, kind="stable")[: self.match_top]
         w = np.maximum(sims[top], 1e-6)
-        return np.tensordot(w / w.sum(), rates[top], axes=1).astype(np.float64)
+        rates = self.eams[top] / np.maximum(self.tokens[top], 1)[:, None, None]  # [match_top, L, E] only
+        return np.tensordot(w / w.sum(), rates, axes=1).astype(np.float64)
 
     def summary(self) -> list[dict]:
         """One dict per entry (for `moeinf trace list/show`)."""

@@ -1,0 +1,902 @@
+/* moeinf_trace_core: the `trace` cache policy's state and decisions in C (a CPython extension type).
+
+   The same algorithm as src/moeinf/runtime/trace_policy.py + next_use.py, decision for decision: the
+   same expected-time (ET) formula in the same floating-point operation order (build with
+   -ffp-contract=off), the same lazy max-heap and check schedule. The Python class stays the reference
+   and the fallback; tests/test_trace_core.py replays traces through both and requires identical
+   fetch sequences. Why C: the policy simulator runs ~200 ET estimates per trace token, ~0.5 ms in
+   pure Python (issue 8 asks for 20k tokens per CPU second).
+
+   Keys are flat ids f = layer * E + expert (their order is the (layer, expert) tuple order, which
+   breaks ties in the heap exactly as Python's tuple comparison does). The Python subclass
+   (runtime/trace_policy_native.py) supplies the tables, the library prior (`_load_prior`) and
+   the ExpertKey objects returned to callers; it receives `_rematch()` calls every rematch_every tokens. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TC_VERSION 1
+#define NONE INT64_MIN /* "no value" for token-valued fields (Python's None / missing dict key) */
+
+typedef struct { double neg; int32_t f; } Ent; /* heap entry (-ET, key) */
+typedef struct { int32_t *v; Py_ssize_t n, cap; } IVec;
+typedef struct { int64_t token; int32_t f; } Check;
+typedef struct { Check *v; Py_ssize_t n, cap; } CVec;
+
+static int ivec_push(IVec *a, int32_t x) {
+    if (a->n == a->cap) {
+        Py_ssize_t cap = a->cap ? 2 * a->cap : 16;
+        int32_t *v = realloc(a->v, cap * sizeof *v);
+        if (!v) { PyErr_NoMemory(); return -1; }
+        a->v = v; a->cap = cap;
+    }
+    a->v[a->n++] = x;
+    return 0;
+}
+
+static int cvec_push(CVec *a, int64_t token, int32_t f) {
+    if (a->n == a->cap) {
+        Py_ssize_t cap = a->cap ? 2 * a->cap : 16;
+        Check *v = realloc(a->v, cap * sizeof *v);
+        if (!v) { PyErr_NoMemory(); return -1; }
+        a->v = v; a->cap = cap;
+    }
+    a->v[a->n].token = token;
+    a->v[a->n++].f = f;
+    return 0;
+}
+
+typedef struct {
+    PyObject_HEAD
+    int ready;
+    int L, E, n;
+    /* parameters */
+    int bypass, prefetch, rematch_every, streak_lag, has_library;
+    double bypass_margin, prefetch_threshold, kappa, lookahead_p, default_rate;
+    int max_r;
+    double *pow, *span, *hazard; /* [max_r + 1] */
+    int32_t *next_check;         /* [max_r + 1] */
+    PyObject *keytab;            /* list of n ExpertKey objects */
+    /* per key */
+    uint8_t *resident, *has_stored;
+    double *stored, *ew;
+    int64_t *last, *inserted, *checked_t, *ahead_tok;
+    int32_t *count, *checked_c, *mark;
+    int32_t mark_now;
+    Py_ssize_t n_resident;
+    Ent *heap;
+    Py_ssize_t heap_n, heap_cap;
+    double *prior; /* [n] or NULL: uniform default_rate */
+    /* the running token and layer */
+    int64_t t, ntok;
+    int c, max_layer, in_layer, due;
+    IVec running;
+    IVec *layer_keys; /* [L]: experts of each layer's previous visit */
+    uint8_t *has_layer_keys;
+    CVec *checks;     /* [L]: (token, key) ET recomputations due at that layer's visit */
+    IVec ahead_list, ahead_due;
+    int ahead_layer;
+    IVec *follow_due; /* [L] */
+    Py_ssize_t n_follow_due;
+    /* routing statistics */
+    double **follow; /* [L * L]: (l, m) -> [E * E] or NULL */
+    int has_follow;
+    double *reuse;   /* [n] or NULL */
+    double **cross;  /* [ncross]: [(n + 1) * E] */
+    int ncross, xd;
+    IVec xflat;
+    Py_ssize_t *xpos; /* [L], -1: the layer did not run in this token */
+    double *xnow;     /* [L * E] */
+    uint8_t *has_xnow;
+} Core;
+
+/* --- the heap: a binary min-heap on (neg, f) ------------------------------------------------------ */
+
+static inline int ent_lt(Ent a, Ent b) { return a.neg < b.neg || (a.neg == b.neg && a.f < b.f); }
+
+static void sift_down(Ent *h, Py_ssize_t n, Py_ssize_t i) {
+    Ent x = h[i];
+    for (;;) {
+        Py_ssize_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && ent_lt(h[c + 1], h[c])) c++;
+        if (!ent_lt(h[c], x)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+static int heap_push(Core *s, double neg, int32_t f) {
+    if (s->heap_n == s->heap_cap) {
+        Py_ssize_t cap = s->heap_cap ? 2 * s->heap_cap : 256;
+        Ent *h = realloc(s->heap, cap * sizeof *h);
+        if (!h) { PyErr_NoMemory(); return -1; }
+        s->heap = h; s->heap_cap = cap;
+    }
+    Ent x = {neg, f};
+    Py_ssize_t i = s->heap_n++;
+    while (i > 0) {
+        Py_ssize_t p = (i - 1) / 2;
+        if (!ent_lt(x, s->heap[p])) break;
+        s->heap[i] = s->heap[p];
+        i = p;
+    }
+    s->heap[i] = x;
+    return 0;
+}
+
+static Ent heap_pop(Core *s) {
+    Ent top = s->heap[0];
+    s->heap[0] = s->heap[--s->heap_n];
+    if (s->heap_n) sift_down(s->heap, s->heap_n, 0);
+    return top;
+}
+
+static void heap_replace(Core *s, double neg, int32_t f) {
+    s->heap[0].neg = neg;
+    s->heap[0].f = f;
+    sift_down(s->heap, s->heap_n, 0);
+}
+
+/* --- expected time of next use (next_use.py) ------------------------------------------------------ */
+
+typedef struct { int64_t tv; double p, q; } Estimate;
+
+static Estimate estimate(Core *s, int32_t f) {
+    int layer = f / s->E, e = f % s->E;
+    int64_t t = s->t;
+    int64_t tv = layer > s->c ? t : t + 1;
+    int64_t seen = s->last[f];
+    double rate = s->prior ? s->prior[f] : s->default_rate;
+    int64_t nt = s->ntok < s->max_r ? s->ntok : s->max_r;
+    double span = s->span[nt] + s->kappa;
+    double p, q;
+    if (seen == NONE) {
+        p = 0.0;
+        q = s->kappa * rate / span;
+    } else {
+        int64_t r = tv - seen;
+        if (r > s->max_r) r = s->max_r;
+        if (r < 0) r = 0; /* cannot happen in layer order; Python would index from the end */
+        p = s->hazard[r];
+        if (s->reuse) {
+            p *= s->reuse[f];
+            if (p > 0.99) p = 0.99;
+        }
+        q = (s->ew[f] * s->pow[r] + s->kappa * rate) / span;
+    }
+    if (q > p) p = q;
+    if (tv != t && s->has_xnow[layer]) {
+        p = s->xnow[(Py_ssize_t)layer * s->E + e];
+        if (p < 0.01) p = 0.01;
+        else if (p > 0.99) p = 0.99;
+    }
+    if (s->ahead_list.n && s->ahead_tok[f] == tv && s->lookahead_p > p) p = s->lookahead_p;
+    Estimate out = {tv, p, q};
+    return out;
+}
+
+static double et_of(Core *s, int32_t f) {
+    Estimate x = estimate(s, f);
+    double q = x.q < 1e-3 ? 1e-3 : x.q;
+    int64_t base = x.tv * s->L + f / s->E;
+    return (double)base + (double)s->L * (1.0 - x.p) / q;
+}
+
+/* The ET of f (of a layer ahead in this token) with p averaged with P(f | the running layer's experts);
+   returns 0 without a table for that layer pair (then *out is untouched). */
+static int et_follow(Core *s, int32_t f, double *out) {
+    int m = f / s->E, e = f % s->E;
+    if (!s->has_follow || s->c < 0) return 0;
+    double *table = s->follow[(Py_ssize_t)s->c * s->L + m];
+    if (!table) return 0;
+    double sum = 0.0;
+    for (Py_ssize_t i = 0; i < s->running.n; i++) sum += table[(Py_ssize_t)(s->running.v[i] % s->E) * s->E + e];
+    double pf = sum / (double)s->running.n;
+    Estimate x = estimate(s, f);
+    double p = 0.5 * (x.p + pf);
+    double q = x.q < 1e-3 ? 1e-3 : x.q;
+    int64_t base = x.tv * s->L + m;
+    *out = (double)base + (double)s->L * (1.0 - p) / q;
+    return 1;
+}
+
+static int push_key(Core *s, int32_t f) {
+    double et = et_of(s, f);
+    s->stored[f] = et;
+    s->has_stored[f] = 1;
+    return heap_push(s, -et, f);
+}
+
+static int rebuild(Core *s) {
+    s->heap_n = 0;
+    for (int32_t f = 0; f < s->n; f++) {
+        s->has_stored[f] = 0;
+        if (s->resident[f] && push_key(s, f) < 0) return -1;
+    }
+    return 0;
+}
+
+/* The cross-token prediction for the running layer's next visit (next_use._predict_next). */
+static int predict_next(Core *s, const int32_t *keys, Py_ssize_t nk) {
+    int c = s->c;
+    if (c >= s->ncross) return 0;
+    const double *table = s->cross[c];
+    Py_ssize_t start = s->xpos[c] = s->xflat.n;
+    for (Py_ssize_t i = 0; i < nk; i++)
+        if (ivec_push(&s->xflat, (int32_t)c * s->E + keys[i] % s->E) < 0) return -1;
+    for (int a = c - s->xd; a < c; a++) {
+        if (a >= 0 && s->xpos[a] >= 0) { start = s->xpos[a]; break; }
+    }
+    double *out = s->xnow + (Py_ssize_t)c * s->E;
+    /* numpy's add.reduce over axis 0: the first row, then each next row added in order */
+    const double *row = table + (Py_ssize_t)s->xflat.v[start] * s->E;
+    Py_ssize_t stop = s->xflat.n;
+    if (start == stop) row = table + (Py_ssize_t)s->n * s->E; /* only the intercept */
+    memcpy(out, row, s->E * sizeof *out);
+    for (Py_ssize_t i = start + 1; i < stop; i++) {
+        row = table + (Py_ssize_t)s->xflat.v[i] * s->E;
+        for (int j = 0; j < s->E; j++) out[j] += row[j];
+    }
+    if (start < stop) {
+        row = table + (Py_ssize_t)s->n * s->E;
+        for (int j = 0; j < s->E; j++) out[j] += row[j];
+    }
+    s->has_xnow[c] = 1;
+    return 1;
+}
+
+static int schedule(Core *s, int32_t f, int64_t token) { return cvec_push(&s->checks[f / s->E], token, f); }
+
+/* --- layer and token boundaries ------------------------------------------------------------------- */
+
+static int new_token(Core *s, PyObject *self) {
+    memset(s->has_xnow, 0, s->L);
+    s->xflat.n = 0;
+    for (int l = 0; l < s->L; l++) s->xpos[l] = -1;
+    s->t += 1;
+    s->ntok += 1;
+    if (s->has_library && s->rematch_every && s->ntok % s->rematch_every == 0) {
+        PyObject *r = PyObject_CallMethod(self, "_rematch", NULL); /* -> _load_prior -> rebuild */
+        if (!r) return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+static int start_layer(Core *s, PyObject *self, int layer) {
+    s->in_layer = 1;
+    if (s->c >= 0) {
+        IVec *lk = &s->layer_keys[s->c];
+        lk->n = 0;
+        for (Py_ssize_t i = 0; i < s->running.n; i++)
+            if (ivec_push(lk, s->running.v[i]) < 0) return -1;
+        s->has_layer_keys[s->c] = 1;
+    }
+    if (layer <= s->c) {
+        if (new_token(s, self) < 0) return -1;
+    } else if (s->ntok == 0) {
+        s->ntok = 1;
+    }
+    s->c = layer;
+    if (layer > s->max_layer) s->max_layer = layer;
+    s->running.n = 0;
+    s->due = 1;
+    if (layer == s->ahead_layer) {
+        s->ahead_due.n = 0;
+        for (Py_ssize_t i = 0; i < s->ahead_list.n; i++) {
+            int32_t f = s->ahead_list.v[i];
+            if (s->resident[f] && ivec_push(&s->ahead_due, f) < 0) return -1;
+            s->ahead_tok[f] = NONE;
+        }
+        s->ahead_list.n = 0;
+        s->ahead_layer = -1;
+    }
+    if (s->n_follow_due) {
+        IVec *lowered = &s->follow_due[layer];
+        if (lowered->n) {
+            for (Py_ssize_t i = 0; i < lowered->n; i++)
+                if (s->resident[lowered->v[i]] && ivec_push(&s->ahead_due, lowered->v[i]) < 0) return -1;
+            lowered->n = 0;
+            s->n_follow_due--;
+        }
+    }
+    return 0;
+}
+
+/* Recompute one due key's ET (trace_policy._refresh_layer's loop body); `mark` dedups within a call. */
+static int refresh_key(Core *s, int32_t f) {
+    if (s->mark[f] == s->mark_now) return 0;
+    s->mark[f] = s->mark_now;
+    int64_t t = s->t;
+    int64_t seen = s->last[f] == NONE ? -1 : s->last[f];
+    if (seen >= t || !s->resident[f]) return 0;
+    if (push_key(s, f) < 0) return -1;
+    int64_t r;
+    if (seen >= 0) r = t - seen;
+    else r = t - (s->inserted[f] == NONE ? t : s->inserted[f]);
+    int64_t nxt = r <= s->max_r ? s->next_check[r] : 0;
+    if (nxt && schedule(s, f, t + nxt - r) < 0) return -1;
+    return 0;
+}
+
+static int refresh_layer(Core *s) {
+    s->due = 0;
+    int c = s->c;
+    if (s->ncross && !s->has_xnow[c] && s->running.n) {
+        int got = predict_next(s, s->running.v, s->running.n);
+        if (got < 0) return -1;
+        if (got)
+            for (Py_ssize_t i = 0; i < s->running.n; i++)
+                if (s->resident[s->running.v[i]] && push_key(s, s->running.v[i]) < 0) return -1;
+    }
+    if (++s->mark_now == INT32_MAX) {
+        memset(s->mark, 0, s->n * sizeof *s->mark);
+        s->mark_now = 1;
+    }
+    /* Checks due now, then the previous visit's experts, then the looked-ahead ones (Python's order). */
+    CVec *due = &s->checks[c];
+    Py_ssize_t kept = 0, ndue = due->n;
+    int32_t *now = NULL;
+    Py_ssize_t nnow = 0;
+    if (ndue) {
+        now = malloc(ndue * sizeof *now);
+        if (!now) { PyErr_NoMemory(); return -1; }
+        for (Py_ssize_t i = 0; i < ndue; i++) {
+            Check ch = due->v[i];
+            if (ch.token == s->t) now[nnow++] = ch.f;
+            else if (ch.token > s->t) due->v[kept++] = ch; /* earlier tokens: never popped in Python */
+        }
+        due->n = kept;
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < nnow && rc == 0; i++) rc = refresh_key(s, now[i]);
+    free(now);
+    if (rc < 0) return -1;
+    if (s->has_layer_keys[c]) {
+        IVec *prev = &s->layer_keys[c];
+        for (Py_ssize_t i = 0; i < prev->n; i++)
+            if (refresh_key(s, prev->v[i]) < 0) return -1;
+    }
+    if (s->ahead_due.n) {
+        for (Py_ssize_t i = 0; i < s->ahead_due.n; i++)
+            if (refresh_key(s, s->ahead_due.v[i]) < 0) return -1;
+        s->ahead_due.n = 0;
+    }
+    return 0;
+}
+
+static int is_running(Core *s, int32_t f) {
+    for (Py_ssize_t i = 0; i < s->running.n; i++)
+        if (s->running.v[i] == f) return 1;
+    return 0;
+}
+
+/* (ET, key) of the evictable resident with the largest ET; *found = -1 if none. can_evict: a Python
+   callable, or NULL for "not of the running layer call". Returns -1 on a Python error. */
+static int top(Core *s, PyObject *can_evict, int32_t *found, double *et_out) {
+    int use_follow = s->has_follow && s->running.n;
+    Ent *held = NULL;
+    Py_ssize_t nheld = 0, capheld = 0;
+    *found = -1;
+    int rc = 0;
+    while (s->heap_n) {
+        Ent e = s->heap[0];
+        int32_t f = e.f;
+        if (!s->resident[f] || !s->has_stored[f] || s->stored[f] != -e.neg) {
+            heap_pop(s);
+            continue;
+        }
+        int ok;
+        if (can_evict) {
+            PyObject *r = PyObject_CallOneArg(can_evict, PyList_GET_ITEM(s->keytab, f));
+            if (!r) { rc = -1; break; }
+            ok = PyObject_IsTrue(r);
+            Py_DECREF(r);
+            if (ok < 0) { rc = -1; break; }
+        } else {
+            ok = !is_running(s, f);
+        }
+        if (ok) {
+            int m = f / s->E;
+            if (use_follow && m > s->c && !(s->checked_t[f] == s->t && s->checked_c[f] == s->c)) {
+                s->checked_t[f] = s->t;
+                s->checked_c[f] = s->c;
+                double et;
+                if (et_follow(s, f, &et) && et < -e.neg) {
+                    s->stored[f] = et;
+                    heap_replace(s, -et, f);
+                    if (s->follow_due[m].n == 0) s->n_follow_due++;
+                    if (ivec_push(&s->follow_due[m], f) < 0) { rc = -1; break; }
+                    continue;
+                }
+            }
+            *found = f;
+            *et_out = -e.neg;
+            break;
+        }
+        if (nheld == capheld) {
+            capheld = capheld ? 2 * capheld : 16;
+            Ent *h = realloc(held, capheld * sizeof *h);
+            if (!h) { PyErr_NoMemory(); rc = -1; break; }
+            held = h;
+        }
+        held[nheld++] = heap_pop(s);
+    }
+    for (Py_ssize_t i = 0; i < nheld; i++)
+        if (heap_push(s, held[i].neg, held[i].f) < 0) rc = -1;
+    free(held);
+    if (rc == 0 && s->heap_n > 4 * s->n_resident + 64) { /* stale entries pile up: refile the live ones */
+        Py_ssize_t k = 0;
+        for (Py_ssize_t i = 0; i < s->heap_n; i++) {
+            Ent e = s->heap[i];
+            if (s->resident[e.f] && s->has_stored[e.f] && s->stored[e.f] == -e.neg) s->heap[k++] = e;
+        }
+        s->heap_n = k;
+        for (Py_ssize_t i = k / 2 - 1; i >= 0; i--) sift_down(s->heap, k, i);
+    }
+    return rc;
+}
+
+/* --- argument helpers ----------------------------------------------------------------------------- */
+
+static int key_of(Core *s, PyObject *key, int32_t *f) {
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+        PyErr_SetString(PyExc_TypeError, "expected an ExpertKey (layer, expert)");
+        return -1;
+    }
+    long layer = PyLong_AsLong(PyTuple_GET_ITEM(key, 0));
+    long e = PyLong_AsLong(PyTuple_GET_ITEM(key, 1));
+    if ((layer == -1 || e == -1) && PyErr_Occurred()) return -1;
+    if (layer < 0 || layer >= s->L || e < 0 || e >= s->E) {
+        PyErr_Format(PyExc_ValueError, "expert key (%ld, %ld) outside the policy's %d x %d", layer, e, s->L, s->E);
+        return -1;
+    }
+    *f = (int32_t)(layer * s->E + e);
+    return 0;
+}
+
+static PyObject *key_obj(Core *s, int32_t f) {
+    PyObject *k = PyList_GET_ITEM(s->keytab, f);
+    Py_INCREF(k);
+    return k;
+}
+
+static int check_ready(Core *s) {
+    if (!s->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "TraceCore used before _setup()");
+        return -1;
+    }
+    return 0;
+}
+
+/* --- the hooks ------------------------------------------------------------------------------------ */
+
+static int access_one(Core *s, int32_t f, int64_t lag_floor, int streak) {
+    int64_t t = s->t;
+    int64_t seen = s->last[f];
+    s->last[f] = t;
+    s->count[f] += 1;
+    if (seen == NONE) {
+        s->ew[f] = 1.0;
+    } else {
+        int64_t r = t - seen;
+        s->ew[f] = s->ew[f] * s->pow[r < s->max_r ? r : s->max_r] + 1.0;
+    }
+    if (s->resident[f] && (seen == NONE || seen != t - 1 || s->stored[f] < (double)lag_floor)) return push_key(s, f);
+    (void)streak;
+    return 0;
+}
+
+static PyObject *Core_on_access(Core *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_access(key, hit)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
+    if (!s->in_layer && start_layer(s, (PyObject *)s, f / s->E) < 0) return NULL;
+    if (ivec_push(&s->running, f) < 0) return NULL;
+    if (access_one(s, f, (s->t - s->streak_lag) * s->L, 0) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_on_accesses(Core *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_accesses(keys, missed)"); return NULL; }
+    if (check_ready(s) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "keys must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t nk = PySequence_Fast_GET_SIZE(seq);
+    int32_t small[16], *fs = nk <= 16 ? small : malloc(nk * sizeof *fs);
+    PyObject *ret = NULL;
+    if (!fs) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < nk; i++)
+        if (key_of(s, PySequence_Fast_GET_ITEM(seq, i), &fs[i]) < 0) goto done;
+    if (nk == 0) { ret = Py_None; Py_INCREF(ret); goto done; }
+    if (!s->in_layer && start_layer(s, (PyObject *)s, fs[0] / s->E) < 0) goto done;
+    if (s->ncross && predict_next(s, fs, nk) < 0) goto done;
+    for (Py_ssize_t i = 0; i < nk; i++)
+        if (ivec_push(&s->running, fs[i]) < 0) goto done;
+    int64_t lag_floor = (s->t - s->streak_lag) * s->L;
+    for (Py_ssize_t i = 0; i < nk; i++)
+        if (access_one(s, fs[i], lag_floor, 0) < 0) goto done;
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (fs && fs != small) free(fs);
+    Py_DECREF(seq);
+    return ret;
+}
+
+static int insert(Core *s, int32_t f) {
+    if (!s->resident[f]) { s->resident[f] = 1; s->n_resident++; }
+    if (push_key(s, f) < 0) return -1;
+    if (s->last[f] == NONE) {
+        s->inserted[f] = s->t;
+        return schedule(s, f, s->t + 1);
+    }
+    return 0;
+}
+
+static void evict(Core *s, int32_t f) {
+    if (s->resident[f]) { s->resident[f] = 0; s->n_resident--; }
+    s->has_stored[f] = 0;
+    s->inserted[f] = NONE;
+}
+
+static PyObject *Core_on_insert(Core *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0 || insert(s, f) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_on_evict(Core *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
+    evict(s, f);
+    Py_RETURN_NONE;
+}
+
+static int victim(Core *s, PyObject *can_evict, int32_t *f, double *et) {
+    if (s->due && refresh_layer(s) < 0) return -1;
+    return top(s, can_evict, f, et);
+}
+
+static PyObject *Core_choose_victim(Core *s, PyObject *can_evict) {
+    int32_t f;
+    double et;
+    if (check_ready(s) < 0 || victim(s, can_evict, &f, &et) < 0) return NULL;
+    if (f < 0) Py_RETURN_NONE;
+    return key_obj(s, f);
+}
+
+/* choose_victim + on_evict + on_insert in one call (the simulator's fast path). */
+static PyObject *Core_replace(Core *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f, v;
+    double et;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "replace(key, can_evict)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
+    if (victim(s, args[1], &v, &et) < 0) return NULL;
+    if (v < 0) Py_RETURN_NONE;
+    evict(s, v);
+    if (insert(s, f) < 0) return NULL;
+    return key_obj(s, v);
+}
+
+static PyObject *Core_should_bypass(Core *s, PyObject *key) {
+    int32_t f, v;
+    double et;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
+    if (!s->bypass) Py_RETURN_FALSE;
+    if (victim(s, NULL, &v, &et) < 0) return NULL;
+    if (v < 0) Py_RETURN_FALSE;
+    return PyBool_FromLong(et_of(s, f) > et + s->bypass_margin * s->L);
+}
+
+typedef struct { double et; int32_t f; } Cand;
+
+static int cand_cmp(const void *a, const void *b) {
+    const Cand *x = a, *y = b;
+    if (x->et < y->et) return -1;
+    if (x->et > y->et) return 1;
+    return (x->f > y->f) - (x->f < y->f);
+}
+
+static PyObject *Core_plan_prefetch(Core *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "plan_prefetch(layer, expert_ids)"); return NULL; }
+    if (check_ready(s) < 0) return NULL;
+    long layer = PyLong_AsLong(args[0]);
+    if (layer == -1 && PyErr_Occurred()) return NULL;
+    if (s->due && refresh_layer(s) < 0) return NULL;
+    s->in_layer = 0;
+    long nxt = layer + 1;
+    if (!s->prefetch || nxt >= s->L || nxt < 0) return PyList_New(0);
+    /* candidates: the ahead keys (run time) then the next layer's previous visit, each once */
+    IVec *prev = s->has_layer_keys[nxt] ? &s->layer_keys[nxt] : NULL;
+    Py_ssize_t npool = (prev ? prev->n : 0) + (s->ahead_layer == nxt ? s->ahead_list.n : 0);
+    if (npool == 0) return PyList_New(0);
+    Cand *cands = malloc(npool * sizeof *cands);
+    if (!cands) return PyErr_NoMemory();
+    Py_ssize_t nc = 0;
+    if (++s->mark_now == INT32_MAX) {
+        memset(s->mark, 0, s->n * sizeof *s->mark);
+        s->mark_now = 1;
+    }
+    for (int part = 0; part < 2; part++) {
+        IVec *src = part == 0 ? (s->ahead_layer == nxt ? &s->ahead_list : NULL) : prev;
+        if (!src) continue;
+        for (Py_ssize_t i = 0; i < src->n; i++) {
+            int32_t f = src->v[i];
+            if (s->ahead_layer == nxt) { /* dict.fromkeys: first occurrence only */
+                if (s->mark[f] == s->mark_now) continue;
+                s->mark[f] = s->mark_now;
+            }
+            if (s->resident[f]) continue;
+            Estimate x = estimate(s, f);
+            if (x.p >= s->prefetch_threshold) {
+                cands[nc].et = et_of(s, f);
+                cands[nc++].f = f;
+            }
+        }
+    }
+    PyObject *out = NULL;
+    int32_t v;
+    double vet;
+    if (nc == 0) { free(cands); return PyList_New(0); }
+    if (top(s, NULL, &v, &vet) < 0) { free(cands); return NULL; }
+    out = PyList_New(0);
+    if (!out || v < 0) { free(cands); return out; }
+    qsort(cands, nc, sizeof *cands, cand_cmp);
+    for (Py_ssize_t i = 0; i < nc && i < s->prefetch; i++) {
+        if (cands[i].et < vet) {
+            PyObject *k = key_obj(s, cands[i].f);
+            if (PyList_Append(out, k) < 0) { Py_DECREF(k); Py_DECREF(out); out = NULL; break; }
+            Py_DECREF(k);
+        }
+    }
+    free(cands);
+    return out;
+}
+
+static PyObject *Core_on_router_lookahead(Core *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_router_lookahead(layer, expert_ids)"); return NULL; }
+    if (check_ready(s) < 0) return NULL;
+    long layer = PyLong_AsLong(args[0]);
+    if (layer == -1 && PyErr_Occurred()) return NULL;
+    if (layer < 0 || layer >= s->L) return PyErr_Format(PyExc_ValueError, "layer %ld outside 0..%d", layer, s->L - 1);
+    PyObject *seq = PySequence_Fast(args[1], "expert_ids must be a sequence");
+    if (!seq) return NULL;
+    int64_t tv = layer > s->c ? s->t : s->t + 1;
+    for (Py_ssize_t i = 0; i < s->ahead_list.n; i++) s->ahead_tok[s->ahead_list.v[i]] = NONE;
+    s->ahead_list.n = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        long e = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (e == -1 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
+        if (e < 0 || e >= s->E) { Py_DECREF(seq); return PyErr_Format(PyExc_ValueError, "expert %ld outside 0..%d", e, s->E - 1); }
+        int32_t f = (int32_t)(layer * s->E + e);
+        if (s->ahead_tok[f] != NONE) continue; /* a repeated id: one dict entry */
+        s->ahead_tok[f] = tv;
+        if (ivec_push(&s->ahead_list, f) < 0) { Py_DECREF(seq); return NULL; }
+    }
+    Py_DECREF(seq);
+    s->ahead_layer = (int)layer;
+    for (Py_ssize_t i = 0; i < s->ahead_list.n; i++)
+        if (s->resident[s->ahead_list.v[i]] && push_key(s, s->ahead_list.v[i]) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* --- set-up and state for the Python side --------------------------------------------------------- */
+
+static double *doubles_of(PyObject *obj, Py_ssize_t want, const char *what) {
+    PyObject *seq = PySequence_Fast(obj, what);
+    if (!seq) return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != want) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd values", what, want);
+        return NULL;
+    }
+    double *out = malloc((want ? want : 1) * sizeof *out);
+    if (!out) { Py_DECREF(seq); PyErr_NoMemory(); return NULL; }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (out[i] == -1.0 && PyErr_Occurred()) { free(out); Py_DECREF(seq); return NULL; }
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+static void free_state(Core *s) {
+    free(s->pow); free(s->span); free(s->hazard); free(s->next_check);
+    free(s->resident); free(s->has_stored); free(s->stored); free(s->ew);
+    free(s->last); free(s->inserted); free(s->checked_t); free(s->ahead_tok);
+    free(s->count); free(s->checked_c); free(s->mark); free(s->heap); free(s->prior);
+    free(s->running.v); free(s->ahead_list.v); free(s->ahead_due.v); free(s->xflat.v);
+    if (s->layer_keys) for (int l = 0; l < s->L; l++) free(s->layer_keys[l].v);
+    if (s->checks) for (int l = 0; l < s->L; l++) free(s->checks[l].v);
+    if (s->follow_due) for (int l = 0; l < s->L; l++) free(s->follow_due[l].v);
+    free(s->layer_keys); free(s->has_layer_keys); free(s->checks); free(s->follow_due);
+    if (s->follow) for (Py_ssize_t i = 0; i < (Py_ssize_t)s->L * s->L; i++) free(s->follow[i]);
+    free(s->follow);
+    free(s->reuse);
+    if (s->cross) for (int i = 0; i < s->ncross; i++) free(s->cross[i]);
+    free(s->cross);
+    free(s->xpos); free(s->xnow); free(s->has_xnow);
+    Py_CLEAR(s->keytab);
+    Py_ssize_t keep = offsetof(Core, ready);
+    memset((char *)s + keep, 0, sizeof *s - keep);
+}
+
+/* _setup(L, E, params, keytab, pow, span, hazard, next_check, reuse, follow, cross, xd)
+   params: (bypass, bypass_margin, prefetch, prefetch_threshold, kappa, rematch_every, streak_lag,
+   lookahead_p, default_rate, has_library); reuse: n floats or None; follow: {(l, m): E*E floats} or
+   None; cross: list of (n + 1) * E floats per layer, or None. */
+static PyObject *Core_setup(Core *s, PyObject *args) {
+    int L, E, xd;
+    PyObject *params, *keytab, *pw, *span, *hazard, *nc, *reuse, *follow, *cross;
+    if (!PyArg_ParseTuple(args, "iiOOOOOOOOOi", &L, &E, &params, &keytab, &pw, &span, &hazard, &nc, &reuse,
+                          &follow, &cross, &xd))
+        return NULL;
+    free_state(s);
+    if (L < 1 || E < 1) return PyErr_Format(PyExc_ValueError, "bad shape %d x %d", L, E);
+    s->L = L; s->E = E; s->n = L * E;
+    int bypass, prefetch, rematch, lag, has_library;
+    if (!PyArg_ParseTuple(params, "pdiddiiddp", &bypass, &s->bypass_margin, &prefetch, &s->prefetch_threshold,
+                          &s->kappa, &rematch, &lag, &s->lookahead_p, &s->default_rate, &has_library))
+        return NULL;
+    s->bypass = bypass; s->prefetch = prefetch; s->rematch_every = rematch; s->streak_lag = lag;
+    s->has_library = has_library;
+    if (!PyList_Check(keytab) || PyList_GET_SIZE(keytab) != s->n)
+        return PyErr_Format(PyExc_ValueError, "keytab: expected a list of %d keys", s->n);
+    Py_INCREF(keytab);
+    s->keytab = keytab;
+    Py_ssize_t R = PySequence_Length(hazard);
+    if (R < 2) return NULL;
+    s->max_r = (int)(R - 1);
+    if (!(s->pow = doubles_of(pw, R, "pow")) || !(s->span = doubles_of(span, R, "span")) ||
+        !(s->hazard = doubles_of(hazard, R, "hazard")))
+        return NULL;
+    double *ncd = doubles_of(nc, R, "next_check");
+    if (!ncd) return NULL;
+    s->next_check = malloc(R * sizeof *s->next_check);
+    if (!s->next_check) { free(ncd); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < R; i++) s->next_check[i] = (int32_t)ncd[i];
+    free(ncd);
+    Py_ssize_t n = s->n;
+    s->resident = calloc(n, 1); s->has_stored = calloc(n, 1);
+    s->stored = calloc(n, sizeof(double)); s->ew = calloc(n, sizeof(double));
+    s->last = malloc(n * sizeof(int64_t)); s->inserted = malloc(n * sizeof(int64_t));
+    s->checked_t = malloc(n * sizeof(int64_t)); s->ahead_tok = malloc(n * sizeof(int64_t));
+    s->count = calloc(n, sizeof(int32_t)); s->checked_c = calloc(n, sizeof(int32_t));
+    s->mark = calloc(n, sizeof(int32_t));
+    s->layer_keys = calloc(L, sizeof(IVec)); s->has_layer_keys = calloc(L, 1);
+    s->checks = calloc(L, sizeof(CVec)); s->follow_due = calloc(L, sizeof(IVec));
+    s->xpos = malloc(L * sizeof(Py_ssize_t)); s->xnow = calloc((Py_ssize_t)L * E, sizeof(double));
+    s->has_xnow = calloc(L, 1);
+    if (!s->resident || !s->has_stored || !s->stored || !s->ew || !s->last || !s->inserted || !s->checked_t ||
+        !s->ahead_tok || !s->count || !s->checked_c || !s->mark || !s->layer_keys || !s->has_layer_keys ||
+        !s->checks || !s->follow_due || !s->xpos || !s->xnow || !s->has_xnow)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) s->last[i] = s->inserted[i] = s->checked_t[i] = s->ahead_tok[i] = NONE;
+    for (int l = 0; l < L; l++) s->xpos[l] = -1;
+    if (reuse != Py_None && !(s->reuse = doubles_of(reuse, n, "reuse"))) return NULL;
+    if (follow != Py_None) {
+        if (!PyDict_Check(follow)) return PyErr_Format(PyExc_TypeError, "follow: expected a dict");
+        s->follow = calloc((Py_ssize_t)L * L, sizeof(double *));
+        if (!s->follow) return PyErr_NoMemory();
+        s->has_follow = 1;
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(follow, &pos, &k, &v)) {
+            int l, m;
+            if (!PyArg_ParseTuple(k, "ii", &l, &m)) return NULL;
+            if (l < 0 || l >= L || m < 0 || m >= L) continue; /* never looked up */
+            if (!(s->follow[(Py_ssize_t)l * L + m] = doubles_of(v, (Py_ssize_t)E * E, "follow table"))) return NULL;
+        }
+    }
+    if (cross != Py_None) {
+        Py_ssize_t nx = PySequence_Length(cross);
+        if (nx < 0) return NULL;
+        s->cross = calloc(nx ? nx : 1, sizeof(double *));
+        if (!s->cross) return PyErr_NoMemory();
+        s->ncross = (int)nx;
+        for (Py_ssize_t i = 0; i < nx; i++) {
+            PyObject *tab = PySequence_GetItem(cross, i);
+            if (!tab) return NULL;
+            s->cross[i] = doubles_of(tab, (n + 1) * E, "cross table");
+            Py_DECREF(tab);
+            if (!s->cross[i]) return NULL;
+        }
+        s->xd = xd;
+    }
+    s->c = -1; s->max_layer = -1; s->ahead_layer = -1; s->mark_now = 1;
+    s->ready = 1;
+    Py_RETURN_NONE;
+}
+
+/* _load_prior(rates or None): the library's per-token rates (n floats), then every ET refiled. */
+static PyObject *Core_load_prior(Core *s, PyObject *prior) {
+    if (check_ready(s) < 0) return NULL;
+    free(s->prior);
+    s->prior = NULL;
+    if (prior != Py_None && !(s->prior = doubles_of(prior, s->n, "prior"))) return NULL;
+    if (rebuild(s) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_start_request(Core *s, PyObject *Py_UNUSED(unused)) {
+    if (check_ready(s) < 0) return NULL;
+    memset(s->count, 0, s->n * sizeof *s->count);
+    s->ntok = 0;
+    Py_RETURN_NONE;
+}
+
+/* This request's use counts, n ints in flat order. */
+static PyObject *Core_counts(Core *s, PyObject *Py_UNUSED(unused)) {
+    if (check_ready(s) < 0) return NULL;
+    PyObject *out = PyList_New(s->n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < s->n; i++) PyList_SET_ITEM(out, i, PyLong_FromLong(s->count[i]));
+    return out;
+}
+
+/* Introspection for tests: {"t", "ntok", "layer", "resident"} */
+static PyObject *Core_state(Core *s, PyObject *Py_UNUSED(unused)) {
+    if (check_ready(s) < 0) return NULL;
+    return Py_BuildValue("{sLsLsisn}", "t", (long long)s->t, "ntok", (long long)s->ntok, "layer", s->c,
+                         "resident", s->n_resident);
+}
+
+static void Core_dealloc(Core *s) {
+    free_state(s);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"on_access", (PyCFunction)(void (*)(void))Core_on_access, METH_FASTCALL, "One use of key."},
+    {"on_accesses", (PyCFunction)(void (*)(void))Core_on_accesses, METH_FASTCALL, "A layer call's uses."},
+    {"on_insert", (PyCFunction)Core_on_insert, METH_O, "key took a slot."},
+    {"on_evict", (PyCFunction)Core_on_evict, METH_O, "key left its slot."},
+    {"choose_victim", (PyCFunction)Core_choose_victim, METH_O, "The resident key with the largest ET."},
+    {"replace", (PyCFunction)(void (*)(void))Core_replace, METH_FASTCALL, "choose_victim+on_evict+on_insert."},
+    {"should_bypass", (PyCFunction)Core_should_bypass, METH_O, "Compute a miss from a scratch slot?"},
+    {"plan_prefetch", (PyCFunction)(void (*)(void))Core_plan_prefetch, METH_FASTCALL, "Keys to fetch ahead."},
+    {"on_router_lookahead", (PyCFunction)(void (*)(void))Core_on_router_lookahead, METH_FASTCALL,
+     "The early router's guess for a layer."},
+    {"_setup", (PyCFunction)Core_setup, METH_VARARGS, "Shape, parameters and tables."},
+    {"_load_prior", (PyCFunction)Core_load_prior, METH_O, "Prior rates (or None), then a rebuild."},
+    {"_start_request", (PyCFunction)Core_start_request, METH_NOARGS, "Clear the request's counts."},
+    {"_counts", (PyCFunction)Core_counts, METH_NOARGS, "This request's use counts."},
+    {"_state", (PyCFunction)Core_state, METH_NOARGS, "Counters, for tests."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "moeinf_trace_core.TraceCore",
+    .tp_basicsize = sizeof(Core),
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The trace policy's state and decisions (see runtime/trace_policy_native.py).",
+    .tp_methods = Core_methods,
+    .tp_new = PyType_GenericNew,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "moeinf_trace_core", .m_doc = NULL, .m_size = -1, .m_methods = NULL,
+};
+
+PyMODINIT_FUNC PyInit_moeinf_trace_core(void) {
+    if (PyType_Ready(&CoreType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "TraceCore", (PyObject *)&CoreType) < 0 ||
+        PyModule_AddIntConstant(m, "VERSION", TC_VERSION) < 0) {
+        Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

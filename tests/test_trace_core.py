@@ -1,0 +1,180 @@
+"""The trace policy's C core (native/moeinf_trace_core.c) decides exactly as the Python TracePolicy.
+
+Both are replayed through the simulator and driven hook by hook as the cache drives them (per-key
+accesses, router lookahead, bypass, prefetch); every answer and every fetch must be the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moeinf.bench.simulator import make_sim_policy, simulate
+from moeinf.runtime import trace_policy_native
+from moeinf.runtime.expert_key import ExpertKey
+from moeinf.runtime.policy import make_policy
+from moeinf.runtime.routing_counts import routing_statistics
+from moeinf.runtime.trace import make_trace
+from moeinf.runtime.trace_library import TraceLibrary
+from moeinf.runtime.trace_policy import TracePolicy
+
+Native = trace_policy_native.native_class()
+needs_core = pytest.mark.skipif(Native is None, reason=f"no trace core: {trace_policy_native.core_reason()}")
+
+L, E, K = 6, 16, 2
+
+
+def sticky_trace(seed: int, requests: int, T: int = 40):
+    """Routing with the structure the policy feeds on: reuse of the previous token's experts, a
+    layer's choice following the layer before it, and a few hot experts."""
+    rng = np.random.default_rng(seed)
+    hot = rng.random((L, E)) ** 3 + 0.02
+    reqs = []
+    for _ in range(requests):
+        x = np.zeros((T, L, K), dtype=np.int64)
+        for t in range(T):
+            for layer in range(L):
+                p = hot[layer] / hot[layer].sum()
+                row = rng.choice(E, K, replace=False, p=p)
+                if t and rng.random() < 0.5:
+                    row = x[t - 1, layer]
+                elif layer and rng.random() < 0.3:
+                    row = (x[t, layer - 1] + 1) % E
+                x[t, layer] = row
+        reqs.append(x)
+    return make_trace(reqs, num_experts=E)
+
+
+def policies(**options):
+    """A Python and a native trace policy with the same options and independent libraries."""
+    library_trace = sticky_trace(seed=100, requests=6)
+    routing = routing_statistics(library_trace)
+    made = []
+    for cls in (TracePolicy, Native):
+        lib = TraceLibrary.from_trace(library_trace, match_top=3)
+        made.append(cls(library=lib, routing=routing, rematch_every=4, **options))
+    return made
+
+
+@needs_core
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("capacity", [0.125, 0.25, 0.5])
+def test_simulated_fetches_identical(capacity, per_layer):
+    tr = sticky_trace(seed=1, requests=5)
+    runs = []
+    for policy in policies():
+        fetches = []
+        r = simulate(
+            tr,
+            policy,
+            capacity=capacity,
+            per_layer=per_layer,
+            on_fetch=lambda k, p, fetches=fetches: fetches.append((k, p)),
+        )
+        runs.append((fetches, r))
+    (a, ra), (b, rb) = runs
+    assert len(a) > tr.num_tokens  # a busy cache
+    if capacity < 0.5:  # every kind of decision was taken (here: 30-222 bypasses, 1-122 prefetches)
+        assert ra.bypasses > 0 and ra.prefetches_issued > 0 and ra.demand_misses > ra.bypasses
+    assert a == b
+    assert (ra.demand_misses, ra.bypasses, ra.prefetches_wasted, ra.time_ms) == (
+        rb.demand_misses,
+        rb.bypasses,
+        rb.prefetches_wasted,
+        rb.time_ms,
+    )
+    py, native = runs[0][1], runs[1][1]
+    assert py.policy == native.policy == "trace"
+
+
+@needs_core
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hooks_identical_as_the_cache_calls_them(seed):
+    """Per-key on_access, router lookahead (with wrong guesses too), bypass, victims and prefetch plans,
+    over requests whose libraries learn: each answer equal."""
+    rng = np.random.default_rng(seed)
+    tr = sticky_trace(seed=10 + seed, requests=3, T=25)
+    slots = 20
+    py, native = policies(lookahead_p=0.9)
+    residents: list[set] = [set(), set()]
+    for r in range(tr.num_requests):
+        for p in (py, native):
+            p.on_request_start()
+        block = tr.experts[tr.seq_offsets[r] : tr.seq_offsets[r + 1]]
+        for t in range(len(block)):
+            for layer in range(L):
+                keys = [ExpertKey(layer, int(e)) for e in block[t, layer]]
+                guess = None
+                if layer + 1 < L:  # the early router: right, or (30%) wrong
+                    guess = rng.choice(E, K, replace=False) if rng.random() < 0.3 else block[t, layer + 1]
+                answers = []
+                for p, resident in zip((py, native), residents, strict=True):
+                    got = []
+                    for k in keys:
+                        p.on_access(k, k in resident)
+                    for k in keys:
+                        if k in resident:
+                            continue
+                        if len(resident) < slots:
+                            resident.add(k)
+                            p.on_insert(k)
+                            got.append(("free", k))
+                        elif p.should_bypass(k):
+                            got.append(("bypass", k))
+                        else:
+                            victim = p.choose_victim(lambda v, keys=keys: v not in keys)
+                            resident.discard(victim)
+                            p.on_evict(victim)
+                            resident.add(k)
+                            p.on_insert(k)
+                            got.append(("evict", victim))
+                    if guess is not None:
+                        p.on_router_lookahead(layer + 1, [int(e) for e in guess])
+                    plan = p.plan_prefetch(layer, [k.expert for k in keys])
+                    for k in plan:
+                        if k not in resident and len(resident) < slots:
+                            resident.add(k)
+                            p.on_insert(k)
+                    got.append(("plan", tuple(plan)))
+                    answers.append(got)
+                assert answers[0] == answers[1], (r, t, layer)
+        for p in (py, native):
+            p.on_request_end()
+        assert np.array_equal(py.request_eam(), native.request_eam())
+    assert len(py.library) == len(native.library)
+    assert np.array_equal(py.library.eams, native.library.eams)
+
+
+@needs_core
+def test_make_policy_picks_the_core_when_the_shape_is_known():
+    assert type(make_policy("trace", num_layers=L, num_experts=E, top_k=K)) is Native
+    assert type(make_policy("trace")) is TracePolicy  # shape unknown until the first token
+    assert type(make_sim_policy("trace", sticky_trace(seed=0, requests=1))) is Native
+
+
+def test_no_core_when_turned_off(monkeypatch):
+    monkeypatch.setenv("MOEINF_NATIVE", "0")
+    trace_policy_native.reset()
+    try:
+        assert trace_policy_native.native_class() is None
+        assert "MOEINF_NATIVE=0" in trace_policy_native.core_reason()
+        assert type(make_policy("trace", num_layers=L, num_experts=E, top_k=K)) is TracePolicy
+    finally:
+        monkeypatch.delenv("MOEINF_NATIVE")
+        trace_policy_native.reset()
+
+
+@needs_core
+def test_keys_outside_the_shape_are_refused():
+    p = Native(num_layers=L, num_experts=E, top_k=K)
+    with pytest.raises(ValueError, match="outside"):
+        p.on_accesses([ExpertKey(L, 0)], ())
+    with pytest.raises(TypeError):
+        p.on_insert(3)
+
+
+@needs_core
+def test_verbose_names_the_engine():
+    native = make_policy("trace", num_layers=L, num_experts=E, top_k=K)
+    assert trace_policy_native.describe_engine(native).startswith("trace policy: C core (")
+    assert "shape was not given" in trace_policy_native.describe_engine(TracePolicy())
