@@ -379,7 +379,14 @@ static int is_running(Core *s, int32_t f) {
 
 /* (ET, key) of the evictable resident with the largest ET; *found = -1 if none. can_evict: a Python
    callable, or NULL for "not of the running layer call". Returns -1 on a Python error. */
+static int top_in(Core *s, PyObject *can_evict, int only_layer, int32_t *found, double *et_out);
+
 static int top(Core *s, PyObject *can_evict, int32_t *found, double *et_out) {
+    return top_in(s, can_evict, -1, found, et_out);
+}
+
+/* As top(), where without `can_evict` only keys of `only_layer` (>= 0) qualify. */
+static int top_in(Core *s, PyObject *can_evict, int only_layer, int32_t *found, double *et_out) {
     int use_follow = s->has_follow && s->running.n;
     Ent *held = NULL;
     Py_ssize_t nheld = 0, capheld = 0;
@@ -400,7 +407,7 @@ static int top(Core *s, PyObject *can_evict, int32_t *found, double *et_out) {
             Py_DECREF(r);
             if (ok < 0) { rc = -1; break; }
         } else {
-            ok = !is_running(s, f);
+            ok = (only_layer < 0 || f / s->E == only_layer) && !is_running(s, f);
         }
         if (ok) {
             int m = f / s->E;
@@ -503,6 +510,18 @@ static PyObject *Core_on_access(Core *s, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
+/* One layer call's uses (on_accesses): `fs` are flat ids, nk >= 1. */
+static int accesses(Core *s, const int32_t *fs, Py_ssize_t nk) {
+    if (!s->in_layer && start_layer(s, (PyObject *)s, fs[0] / s->E) < 0) return -1;
+    if (s->ncross && predict_next(s, fs, nk) < 0) return -1;
+    for (Py_ssize_t i = 0; i < nk; i++)
+        if (ivec_push(&s->running, fs[i]) < 0) return -1;
+    int64_t lag_floor = (s->t - s->streak_lag) * s->L;
+    for (Py_ssize_t i = 0; i < nk; i++)
+        if (access_one(s, fs[i], lag_floor, 0) < 0) return -1;
+    return 0;
+}
+
 static PyObject *Core_on_accesses(Core *s, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_accesses(keys, missed)"); return NULL; }
     if (check_ready(s) < 0) return NULL;
@@ -514,14 +533,7 @@ static PyObject *Core_on_accesses(Core *s, PyObject *const *args, Py_ssize_t nar
     if (!fs) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t i = 0; i < nk; i++)
         if (key_of(s, PySequence_Fast_GET_ITEM(seq, i), &fs[i]) < 0) goto done;
-    if (nk == 0) { ret = Py_None; Py_INCREF(ret); goto done; }
-    if (!s->in_layer && start_layer(s, (PyObject *)s, fs[0] / s->E) < 0) goto done;
-    if (s->ncross && predict_next(s, fs, nk) < 0) goto done;
-    for (Py_ssize_t i = 0; i < nk; i++)
-        if (ivec_push(&s->running, fs[i]) < 0) goto done;
-    int64_t lag_floor = (s->t - s->streak_lag) * s->L;
-    for (Py_ssize_t i = 0; i < nk; i++)
-        if (access_one(s, fs[i], lag_floor, 0) < 0) goto done;
+    if (nk && accesses(s, fs, nk) < 0) goto done;
     ret = Py_None;
     Py_INCREF(ret);
 done:
@@ -585,14 +597,22 @@ static PyObject *Core_replace(Core *s, PyObject *const *args, Py_ssize_t nargs) 
     return key_obj(s, v);
 }
 
-static PyObject *Core_should_bypass(Core *s, PyObject *key) {
-    int32_t f, v;
+/* 1: compute the miss f from a scratch slot; 0: give it a slot; -1: error. */
+static int bypass_f(Core *s, int32_t f) {
+    int32_t v;
     double et;
+    if (!s->bypass) return 0;
+    if (victim(s, NULL, &v, &et) < 0) return -1;
+    if (v < 0) return 0;
+    return et_of(s, f) > et + s->bypass_margin * s->L;
+}
+
+static PyObject *Core_should_bypass(Core *s, PyObject *key) {
+    int32_t f;
     if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
-    if (!s->bypass) Py_RETURN_FALSE;
-    if (victim(s, NULL, &v, &et) < 0) return NULL;
-    if (v < 0) Py_RETURN_FALSE;
-    return PyBool_FromLong(et_of(s, f) > et + s->bypass_margin * s->L);
+    int r = bypass_f(s, f);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
 }
 
 typedef struct { double et; int32_t f; } Cand;
@@ -604,22 +624,20 @@ static int cand_cmp(const void *a, const void *b) {
     return (x->f > y->f) - (x->f < y->f);
 }
 
-static PyObject *Core_plan_prefetch(Core *s, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "plan_prefetch(layer, expert_ids)"); return NULL; }
-    if (check_ready(s) < 0) return NULL;
-    long layer = PyLong_AsLong(args[0]);
-    if (layer == -1 && PyErr_Occurred()) return NULL;
-    if (s->due && refresh_layer(s) < 0) return NULL;
+/* The prefetch plan after `layer`'s call into out[] (at most s->prefetch keys, most urgent first);
+   returns their number, or -1 on error. */
+static Py_ssize_t plan_f(Core *s, long layer, int32_t *out) {
+    if (s->due && refresh_layer(s) < 0) return -1;
     s->in_layer = 0;
     long nxt = layer + 1;
-    if (!s->prefetch || nxt >= s->L || nxt < 0) return PyList_New(0);
+    if (!s->prefetch || nxt >= s->L || nxt < 0) return 0;
     /* candidates: the ahead keys (run time) then the next layer's previous visit, each once */
     IVec *prev = s->has_layer_keys[nxt] ? &s->layer_keys[nxt] : NULL;
     Py_ssize_t npool = (prev ? prev->n : 0) + (s->ahead_layer == nxt ? s->ahead_list.n : 0);
-    if (npool == 0) return PyList_New(0);
-    Cand *cands = malloc(npool * sizeof *cands);
-    if (!cands) return PyErr_NoMemory();
-    Py_ssize_t nc = 0;
+    if (npool == 0) return 0;
+    Cand small[32], *cands = npool <= 32 ? small : malloc(npool * sizeof *cands);
+    if (!cands) { PyErr_NoMemory(); return -1; }
+    Py_ssize_t nc = 0, nout = 0;
     if (++s->mark_now == INT32_MAX) {
         memset(s->mark, 0, s->n * sizeof *s->mark);
         s->mark_now = 1;
@@ -641,22 +659,29 @@ static PyObject *Core_plan_prefetch(Core *s, PyObject *const *args, Py_ssize_t n
             }
         }
     }
-    PyObject *out = NULL;
     int32_t v;
     double vet;
-    if (nc == 0) { free(cands); return PyList_New(0); }
-    if (top(s, NULL, &v, &vet) < 0) { free(cands); return NULL; }
-    out = PyList_New(0);
-    if (!out || v < 0) { free(cands); return out; }
-    qsort(cands, nc, sizeof *cands, cand_cmp);
-    for (Py_ssize_t i = 0; i < nc && i < s->prefetch; i++) {
-        if (cands[i].et < vet) {
-            PyObject *k = key_obj(s, cands[i].f);
-            if (PyList_Append(out, k) < 0) { Py_DECREF(k); Py_DECREF(out); out = NULL; break; }
-            Py_DECREF(k);
-        }
+    if (nc && top(s, NULL, &v, &vet) < 0) nout = -1;
+    else if (nc && v >= 0) {
+        qsort(cands, nc, sizeof *cands, cand_cmp);
+        for (Py_ssize_t i = 0; i < nc && i < s->prefetch; i++)
+            if (cands[i].et < vet) out[nout++] = cands[i].f;
     }
-    free(cands);
+    if (cands != small) free(cands);
+    return nout;
+}
+
+static PyObject *Core_plan_prefetch(Core *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "plan_prefetch(layer, expert_ids)"); return NULL; }
+    if (check_ready(s) < 0) return NULL;
+    long layer = PyLong_AsLong(args[0]);
+    if (layer == -1 && PyErr_Occurred()) return NULL;
+    int32_t small[16], *plan = s->prefetch <= 16 ? small : malloc(s->prefetch * sizeof *plan);
+    if (!plan) return PyErr_NoMemory();
+    Py_ssize_t np = plan_f(s, layer, plan);
+    PyObject *out = np < 0 ? NULL : PyList_New(np);
+    for (Py_ssize_t i = 0; out && i < np; i++) PyList_SET_ITEM(out, i, key_obj(s, plan[i]));
+    if (plan != small) free(plan);
     return out;
 }
 
@@ -685,6 +710,243 @@ static PyObject *Core_on_router_lookahead(Core *s, PyObject *const *args, Py_ssi
     for (Py_ssize_t i = 0; i < s->ahead_list.n; i++)
         if (s->resident[s->ahead_list.v[i]] && push_key(s, s->ahead_list.v[i]) < 0) return NULL;
     Py_RETURN_NONE;
+}
+
+/* --- replay (bench/simulator.py's loop, for this policy) ------------------------------------------- */
+
+/* simulate() of bench/simulator.py, step for step, with this core's own hooks called directly: the
+   same residency, the same transfer-channel time model, the same counters, and the fetch order as a
+   log (flat id * 2 + prefetch). Used only for an unmodified native policy (simulator.py checks). */
+
+typedef struct { int32_t f; double at; uint8_t alive; } QEnt;
+
+typedef struct {
+    Core *s;
+    int per_layer, L, E;
+    Py_ssize_t *free_;
+    uint8_t *resident, *prefetched, *queued, *has_ready;
+    double *ready_at;
+    QEnt *q;
+    Py_ssize_t q_head, q_n, q_cap;
+    Py_ssize_t *q_pos; /* f -> index in q of its live entry */
+    const int32_t *run;
+    Py_ssize_t nrun;
+    long long accesses, misses, issued, used, wasted, bypasses;
+    IVec log;
+    int want_log;
+} Sim;
+
+static int sim_in_run(Sim *m, int32_t f) {
+    for (Py_ssize_t i = 0; i < m->nrun; i++)
+        if (m->run[i] == f) return 1;
+    return 0;
+}
+
+static int sim_evict(Sim *m, int32_t v, int notify) {
+    if (!m->resident[v] || sim_in_run(m, v)) {
+        PyErr_Format(PyExc_RuntimeError, "policy trace chose victim (%d, %d) that is not evictable", v / m->E,
+                     v % m->E);
+        return -1;
+    }
+    m->resident[v] = 0;
+    if (notify) evict(m->s, v);
+    if (m->prefetched[v]) {
+        m->prefetched[v] = 0;
+        m->wasted++;
+        if (m->queued[v]) { /* cancelled before its transfer started */
+            m->queued[v] = 0;
+            m->q[m->q_pos[v]].alive = 0;
+        }
+        m->has_ready[v] = 0;
+    }
+    return 0;
+}
+
+static int sim_log(Sim *m, int32_t f, int prefetch) {
+    return m->want_log ? ivec_push(&m->log, f * 2 + prefetch) : 0;
+}
+
+static PyObject *Core_simulate(Core *s, PyObject *args) {
+    PyObject *experts_obj, *offsets_obj;
+    Py_ssize_t slots;
+    int per_layer, want_log;
+    double C, X;
+    if (!PyArg_ParseTuple(args, "OOnpddp", &experts_obj, &offsets_obj, &slots, &per_layer, &C, &X, &want_log))
+        return NULL;
+    if (check_ready(s) < 0) return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(experts_obj, &buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) < 0) return NULL;
+    PyObject *offsets = NULL, *result = NULL;
+    Sim m;
+    memset(&m, 0, sizeof m);
+    int L = s->L, E = s->E;
+    Py_ssize_t n = s->n;
+    if (buf.ndim != 3 || buf.itemsize != 8 || (buf.format[0] != 'q' && buf.format[0] != 'l') ||
+        buf.shape[1] != L) {
+        PyErr_SetString(PyExc_ValueError, "experts: expected a C-contiguous int64 array [T, L, K] of the policy's L");
+        goto out;
+    }
+    Py_ssize_t T = buf.shape[0], K = buf.shape[2];
+    const int64_t *x = buf.buf;
+    offsets = PySequence_Fast(offsets_obj, "offsets must be a sequence");
+    if (!offsets) goto out;
+    m.s = s; m.per_layer = per_layer; m.L = L; m.E = E; m.want_log = want_log;
+    m.free_ = calloc(L, sizeof *m.free_);
+    m.resident = calloc(n, 1); m.prefetched = calloc(n, 1); m.queued = calloc(n, 1); m.has_ready = calloc(n, 1);
+    m.ready_at = calloc(n, sizeof *m.ready_at);
+    m.q_pos = calloc(n, sizeof *m.q_pos);
+    int32_t *run = malloc((K ? K : 1) * sizeof *run);
+    int32_t *missed = malloc((K ? K : 1) * sizeof *missed);
+    int32_t *plan = malloc((s->prefetch > 0 ? s->prefetch : 1) * sizeof *plan);
+    if (!m.free_ || !m.resident || !m.prefetched || !m.queued || !m.has_ready || !m.ready_at || !m.q_pos || !run ||
+        !missed || !plan) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (per_layer) for (int l = 0; l < L; l++) m.free_[l] = slots / L;
+    else m.free_[0] = slots;
+    double now = 0.0, busy = 0.0;
+    Py_ssize_t nreq = PySequence_Fast_GET_SIZE(offsets) - 1;
+    for (Py_ssize_t r = 0; r < nreq; r++) {
+        Py_ssize_t a = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(offsets, r));
+        Py_ssize_t b = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(offsets, r + 1));
+        if (PyErr_Occurred()) goto done;
+        if (a < 0 || b > T || a > b) { PyErr_SetString(PyExc_ValueError, "bad seq_offsets"); goto done; }
+        PyObject *ret = PyObject_CallMethod((PyObject *)s, "on_request_start", NULL);
+        if (!ret) goto done;
+        Py_DECREF(ret);
+        for (Py_ssize_t t = a; t < b; t++) {
+            for (int layer = 0; layer < L; layer++) {
+                const int64_t *ids = x + ((Py_ssize_t)t * L + layer) * K;
+                Py_ssize_t nrun = 0;
+                for (Py_ssize_t k = 0; k < K; k++) {
+                    if (ids[k] < 0) continue;
+                    if (ids[k] >= E) { PyErr_SetString(PyExc_ValueError, "expert id outside the policy's E"); goto done; }
+                    run[nrun++] = (int32_t)(layer * E + ids[k]);
+                }
+                if (!nrun) continue;
+                m.run = run; m.nrun = nrun;
+                m.accesses += nrun;
+                /* the channel: queued prefetches that started before this layer's routing keep going */
+                while (m.q_head < m.q_n && busy < now) {
+                    QEnt e = m.q[m.q_head++];
+                    if (!e.alive) continue;
+                    m.queued[e.f] = 0;
+                    busy = (busy > e.at ? busy : e.at) + X;
+                    m.ready_at[e.f] = busy;
+                    m.has_ready[e.f] = 1;
+                }
+                double ready = now;
+                Py_ssize_t nmiss = 0;
+                for (Py_ssize_t i = 0; i < nrun; i++)
+                    if (!m.resident[run[i]]) missed[nmiss++] = run[i];
+                if (accesses(s, run, nrun) < 0) goto done;
+                for (Py_ssize_t i = 0; i < nrun; i++) {
+                    int32_t f = run[i];
+                    if (!m.prefetched[f]) continue;
+                    m.prefetched[f] = 0;
+                    m.used++;
+                    if (m.queued[f]) { /* promoted to demand */
+                        m.queued[f] = 0;
+                        m.q[m.q_pos[f]].alive = 0;
+                        busy = (busy > now ? busy : now) + X;
+                        m.ready_at[f] = busy;
+                        m.has_ready[f] = 1;
+                    }
+                    if (m.has_ready[f]) {
+                        m.has_ready[f] = 0;
+                        if (m.ready_at[f] > ready) ready = m.ready_at[f];
+                    }
+                }
+                int pool = per_layer ? layer : 0;
+                int only = per_layer ? layer : -1;
+                m.misses += nmiss;
+                for (Py_ssize_t i = 0; i < nmiss; i++) {
+                    int32_t f = missed[i];
+                    busy = (busy > now ? busy : now) + X;
+                    if (busy > ready) ready = busy;
+                    if (sim_log(&m, f, 0) < 0) goto done;
+                    if (m.free_[pool]) {
+                        m.free_[pool]--;
+                        m.resident[f] = 1;
+                        if (insert(s, f) < 0) goto done;
+                        continue;
+                    }
+                    int by = bypass_f(s, f);
+                    if (by < 0) goto done;
+                    if (by) { m.bypasses++; continue; }
+                    int32_t v;
+                    double vet;
+                    if (s->due && refresh_layer(s) < 0) goto done;
+                    if (top_in(s, NULL, only, &v, &vet) < 0) goto done;
+                    if (v < 0) { PyErr_SetString(PyExc_RuntimeError, "policy trace found no victim for a demand miss"); goto done; }
+                    evict(s, v);
+                    if (insert(s, f) < 0) goto done;
+                    if (sim_evict(&m, v, 0) < 0) goto done;
+                    m.resident[f] = 1;
+                }
+                Py_ssize_t np = plan_f(s, layer, plan);
+                if (np < 0) goto done;
+                for (Py_ssize_t i = 0; i < np; i++) {
+                    int32_t f = plan[i];
+                    if (m.resident[f] || sim_in_run(&m, f)) continue;
+                    int p = per_layer ? f / E : 0;
+                    if (m.free_[p]) {
+                        m.free_[p]--;
+                    } else {
+                        int32_t v;
+                        double vet;
+                        if (s->due && refresh_layer(s) < 0) goto done;
+                        if (top_in(s, NULL, per_layer ? f / E : -1, &v, &vet) < 0) goto done;
+                        if (v < 0) break;
+                        if (sim_evict(&m, v, 1) < 0) goto done;
+                    }
+                    m.resident[f] = 1;
+                    if (insert(s, f) < 0) goto done;
+                    m.prefetched[f] = 1;
+                    m.queued[f] = 1;
+                    if (m.q_n == m.q_cap) {
+                        Py_ssize_t cap = m.q_cap ? 2 * m.q_cap : 1024;
+                        QEnt *q2 = realloc(m.q, cap * sizeof *q2);
+                        if (!q2) { PyErr_NoMemory(); goto done; }
+                        m.q = q2; m.q_cap = cap;
+                    }
+                    m.q_pos[f] = m.q_n;
+                    m.q[m.q_n].f = f; m.q[m.q_n].at = now; m.q[m.q_n].alive = 1;
+                    m.q_n++;
+                    m.issued++;
+                    if (sim_log(&m, f, 1) < 0) goto done;
+                }
+                now = ready + C;
+            }
+        }
+        ret = PyObject_CallMethod((PyObject *)s, "on_request_end", NULL);
+        if (!ret) goto done;
+        Py_DECREF(ret);
+    }
+    for (Py_ssize_t f = 0; f < n; f++) m.wasted += m.prefetched[f];
+    {
+        PyObject *log = NULL;
+        if (want_log) {
+            log = PyList_New(m.log.n);
+            if (!log) goto done;
+            for (Py_ssize_t i = 0; i < m.log.n; i++) PyList_SET_ITEM(log, i, PyLong_FromLong(m.log.v[i]));
+        } else {
+            log = Py_None;
+            Py_INCREF(log);
+        }
+        result = Py_BuildValue("{sLsLsLsLsLsLsdsN}", "accesses", m.accesses, "demand_misses", m.misses,
+                               "prefetches_issued", m.issued, "prefetches_used", m.used, "prefetches_wasted",
+                               m.wasted, "bypasses", m.bypasses, "time_ms", now, "log", log);
+    }
+done:
+    free(run); free(missed); free(plan);
+out:
+    free(m.free_); free(m.resident); free(m.prefetched); free(m.queued); free(m.has_ready);
+    free(m.ready_at); free(m.q_pos); free(m.q); free(m.log.v);
+    Py_XDECREF(offsets);
+    PyBuffer_Release(&buf);
+    return result;
 }
 
 /* --- set-up and state for the Python side --------------------------------------------------------- */
@@ -865,6 +1127,7 @@ static PyMethodDef Core_methods[] = {
     {"on_router_lookahead", (PyCFunction)(void (*)(void))Core_on_router_lookahead, METH_FASTCALL,
      "The early router's guess for a layer."},
     {"_setup", (PyCFunction)Core_setup, METH_VARARGS, "Shape, parameters and tables."},
+    {"_simulate", (PyCFunction)Core_simulate, METH_VARARGS, "bench.simulator.simulate's loop, natively."},
     {"_load_prior", (PyCFunction)Core_load_prior, METH_O, "Prior rates (or None), then a rebuild."},
     {"_start_request", (PyCFunction)Core_start_request, METH_NOARGS, "Clear the request's counts."},
     {"_counts", (PyCFunction)Core_counts, METH_NOARGS, "This request's use counts."},

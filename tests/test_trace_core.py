@@ -60,31 +60,33 @@ def policies(**options):
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("capacity", [0.125, 0.25, 0.5])
 def test_simulated_fetches_identical(capacity, per_layer):
+    """Python policy in the Python loop, C core in the Python loop, C core in its own replay loop."""
     tr = sticky_trace(seed=1, requests=5)
+    py, native = policies()
+    _, native_in_python = policies()
     runs = []
-    for policy in policies():
+    for policy, loop in ((py, False), (native_in_python, False), (native, True)):
         fetches = []
         r = simulate(
             tr,
             policy,
             capacity=capacity,
             per_layer=per_layer,
+            native=loop,
             on_fetch=lambda k, p, fetches=fetches: fetches.append((k, p)),
         )
         runs.append((fetches, r))
-    (a, ra), (b, rb) = runs
+    assert trace_policy_native.replays_natively(native)
+    (a, ra) = runs[0]
     assert len(a) > tr.num_tokens  # a busy cache
     if capacity < 0.5:  # every kind of decision was taken (here: 30-222 bypasses, 1-122 prefetches)
         assert ra.bypasses > 0 and ra.prefetches_issued > 0 and ra.demand_misses > ra.bypasses
-    assert a == b
-    assert (ra.demand_misses, ra.bypasses, ra.prefetches_wasted, ra.time_ms) == (
-        rb.demand_misses,
-        rb.bypasses,
-        rb.prefetches_wasted,
-        rb.time_ms,
-    )
-    py, native = runs[0][1], runs[1][1]
-    assert py.policy == native.policy == "trace"
+    fields = ("accesses", "demand_misses", "bypasses", "prefetches_issued", "prefetches_used")
+    for b, rb in runs[1:]:
+        assert b == a
+        assert [getattr(rb, f) for f in fields] == [getattr(ra, f) for f in fields]
+        assert (rb.prefetches_wasted, rb.time_ms, rb.slots) == (ra.prefetches_wasted, ra.time_ms, ra.slots)
+    assert np.array_equal(py.library.eams, native.library.eams)  # both learnt the same requests
 
 
 @needs_core
@@ -143,6 +145,16 @@ def test_hooks_identical_as_the_cache_calls_them(seed):
         assert np.array_equal(py.request_eam(), native.request_eam())
     assert len(py.library) == len(native.library)
     assert np.array_equal(py.library.eams, native.library.eams)
+
+
+@needs_core
+def test_a_subclass_that_overrides_a_decision_is_replayed_hook_by_hook():
+    class Custom(Native):
+        def should_bypass(self, key):
+            return False
+
+    assert not trace_policy_native.replays_natively(Custom(num_layers=L, num_experts=E, top_k=K))
+    assert not trace_policy_native.replays_natively(TracePolicy())
 
 
 @needs_core

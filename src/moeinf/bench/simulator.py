@@ -26,6 +26,7 @@ from moeinf.errors import BadOption
 from moeinf.runtime.expert_key import ExpertKey
 from moeinf.runtime.policy import Policy, PolicyBase, batched_access, fused_hook, make_policy
 from moeinf.runtime.trace import Trace
+from moeinf.runtime.trace_policy_native import replays_natively
 
 
 @dataclass
@@ -140,11 +141,17 @@ def simulate(
     compute_ms_per_layer: float = 0.5,
     transfer_ms_per_expert: float = 14.0,
     on_fetch: Callable[[ExpertKey, bool], None] | None = None,
+    native: bool = True,
 ) -> SimResult:
     """Replay `trace` through `policy`; see the module docstring. `on_fetch(key, prefetch)` sees every
-    fetch in order (for replay-equivalence tests)."""
+    fetch in order (for replay-equivalence tests). A native trace policy (runtime/trace_policy_native.py)
+    runs this loop in its C core unless `native` is False: the same steps, ~5x faster."""
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
     slots = slots_for(capacity, L, E, K, per_layer)
+    if native and replays_natively(policy):
+        return _simulate_natively(
+            trace, policy, capacity, slots, per_layer, compute_ms_per_layer, transfer_ms_per_expert, on_fetch
+        )
     keytab = [ExpertKey(layer, e) for layer in range(L) for e in range(E)]  # flat id -> the one key object
     # Residency: one free count for the shared pool, or one per layer.
     free = [slots // L] * L if per_layer else [slots]
@@ -195,6 +202,7 @@ def simulate(
                         break
             ready_at.pop(victim, None)
 
+    resident_all = resident.issuperset
     wall0, cpu0 = time.perf_counter(), time.process_time()
     offsets = trace.seq_offsets.tolist()
     for r in range(trace.num_requests):
@@ -209,15 +217,11 @@ def simulate(
                     busy = (busy if busy > at else at) + X
                     ready_at[k] = busy
             ready = now
-            missed = None
-            for k in run:
-                if k not in resident:
-                    if missed is None:
-                        missed = [k]
-                    else:
-                        missed.append(k)
+            missed = None if resident_all(run) else [k for k in run if k not in resident]
             on_accesses(run, missed or ())
-            if prefetched or ready_at:
+            # Only a prefetched expert's first use can wait for its transfer: later uses come after the
+            # layer that waited for it, and a resident expert is never missed, so its entry goes then.
+            if prefetched and not prefetched.isdisjoint(run):
                 for k in run:
                     if k in prefetched:
                         prefetched.discard(k)
@@ -227,9 +231,9 @@ def simulate(
                             queue.remove(next(q for q in queue if q[0] == k))
                             busy = (busy if busy > now else now) + X
                             ready_at[k] = busy
-                    t = ready_at.get(k)
-                    if t is not None and t > ready and (missed is None or k not in missed):
-                        ready = t
+                        t = ready_at.pop(k, None)
+                        if t is not None and t > ready:
+                            ready = t
             if missed:
                 pool = layer if per_layer else 0
                 can_evict = can_evict_of[layer]
@@ -309,6 +313,39 @@ def simulate(
         time_ms=now,
         compute_ms_per_layer=C,
         transfer_ms_per_expert=X,
+        wall_s=wall,
+        cpu_s=cpu,
+    )
+
+
+def _simulate_natively(trace, policy, capacity, slots, per_layer, C, X, on_fetch) -> SimResult:
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    experts = np.ascontiguousarray(trace.experts, dtype=np.int64)
+    out = policy._simulate(
+        experts, trace.seq_offsets.tolist(), slots, per_layer, float(C), float(X), on_fetch is not None
+    )
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if on_fetch is not None:
+        E = trace.num_experts
+        for code in out["log"]:
+            f = code >> 1
+            on_fetch(ExpertKey(f // E, f % E), bool(code & 1))
+    return SimResult(
+        policy=policy.name,
+        capacity=capacity,
+        slots=slots,
+        per_layer=per_layer,
+        tokens=trace.num_tokens,
+        requests=trace.num_requests,
+        accesses=out["accesses"],
+        demand_misses=out["demand_misses"],
+        prefetches_issued=out["prefetches_issued"],
+        prefetches_used=out["prefetches_used"],
+        prefetches_wasted=out["prefetches_wasted"],
+        bypasses=out["bypasses"],
+        time_ms=out["time_ms"],
+        compute_ms_per_layer=float(C),
+        transfer_ms_per_expert=float(X),
         wall_s=wall,
         cpu_s=cpu,
     )

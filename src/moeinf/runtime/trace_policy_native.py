@@ -199,6 +199,28 @@ class _NativeHooks:
         self._set_prior(self.request_eam())
 
 
+DECISION_HOOKS = (
+    "on_access",
+    "on_accesses",
+    "on_insert",
+    "on_evict",
+    "choose_victim",
+    "replace",
+    "should_bypass",
+    "plan_prefetch",
+    "on_router_lookahead",
+)
+
+
+def replays_natively(policy: Any) -> bool:
+    """Whether the simulator may run `policy` through the core's own replay loop (`_simulate`): a
+    native trace policy none of whose decision hooks a subclass overrides (those must be called)."""
+    module = load_core()
+    if module is None or not isinstance(policy, module.TraceCore):
+        return False
+    return all(getattr(type(policy), h) is getattr(module.TraceCore, h) for h in DECISION_HOOKS)
+
+
 def describe_engine(policy: Any) -> str:
     """One line for `--verbose`: which implementation of the trace policy runs, and why."""
     cls = native_class()
