@@ -1,8 +1,8 @@
 """Package build hook: ship the C sources in the package and, when a C compiler is present, compile
 them once at build time (`pip install .`): the native kernels (src/moeinf/kernels/build.py) and the
-trace policy's core (src/moeinf/runtime/trace_policy_native.py, a CPython extension). Without a
+cache policies' cores (src/moeinf/runtime/policy_core.py, a CPython extension). Without a
 compiler the build still succeeds: moeinf compiles on first use, or falls back to torch and to the
-Python policy. Project metadata lives in pyproject.toml.
+Python policies. Project metadata lives in pyproject.toml.
 """
 
 import ast
@@ -17,7 +17,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "native" / "moeinf_kernels.c"
-TRACE_CORE = HERE / "native" / "moeinf_trace_core.c"
+POLICY_CORE = HERE / "native" / "moeinf_policy_core.c"
 
 
 def _compiler() -> str | None:
@@ -54,21 +54,21 @@ class BuildWithKernels(build_py):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:  # not fatal: the run-time build or torch takes over
             print(f"moeinf: building the native kernels failed, torch will be used:\n{proc.stderr}")
-        self._build_trace_core(cc, Path(self.build_lib) / "moeinf" / "runtime")
+        self._build_policy_core(cc, Path(self.build_lib) / "moeinf" / "runtime")
 
-    def _build_trace_core(self, cc: str, dest: Path) -> None:
+    def _build_policy_core(self, cc: str, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(TRACE_CORE, dest / TRACE_CORE.name)
-        consts = _build_constants("runtime/trace_policy_native.py", ("FLAGS", "MODULE_NAME"))
+        shutil.copy2(POLICY_CORE, dest / POLICY_CORE.name)
+        consts = _build_constants("runtime/policy_core.py", ("FLAGS", "MODULE_NAME"))
         include = sysconfig.get_paths()["include"]
         if not (Path(include) / "Python.h").is_file():
-            print("moeinf: no Python headers: the trace core will be compiled on first use or skipped")
+            print("moeinf: no Python headers: the policy cores will be compiled on first use or skipped")
             return
         module = dest / (consts["MODULE_NAME"] + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
-        cmd = [cc, *consts["FLAGS"], f"-I{include}", "-o", str(module), str(TRACE_CORE)]
+        cmd = [cc, *consts["FLAGS"], f"-I{include}", "-o", str(module), str(POLICY_CORE)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:  # not fatal: the run-time build or the Python policy takes over
-            print(f"moeinf: building the trace core failed:\n{proc.stderr}")
+            print(f"moeinf: building the policy cores failed:\n{proc.stderr}")
 
 
 setup(cmdclass={"build_py": BuildWithKernels})

@@ -281,12 +281,12 @@ def test_a_regular_install_ships_the_source_and_a_library_built_at_install(tmp_p
     (wheel,) = wheels.glob("moeinf-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"moeinf/kernels/moeinf_kernels.c", "moeinf/kernels/libmoeinf_kernels.so"} <= names
-    core = "moeinf/runtime/moeinf_trace_core" + sysconfig.get_config_var("EXT_SUFFIX")
-    assert {"moeinf/runtime/moeinf_trace_core.c", core} <= names  # the trace policy's C core too
+    core = "moeinf/runtime/moeinf_policy_core" + sysconfig.get_config_var("EXT_SUFFIX")
+    assert {"moeinf/runtime/moeinf_policy_core.c", core} <= names  # the policies' C cores too
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True)
     probe = (
         "import moeinf.kernels as k; print(k.describe()); "
-        "from moeinf.runtime import trace_policy_native as t; print(t.core_reason(), t.load_core().__file__)"
+        "from moeinf.runtime import policy_core as t; print(t.core_reason(), t.load_core().__file__)"
     )
     env = {**os.environ, "PYTHONPATH": str(target), "MOEINF_NATIVE_DIR": str(tmp_path / "no-cache")}
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)

@@ -207,7 +207,7 @@ def test_batched_accesses_equal_per_key_calls(name, capacity):
     slow = (
         PerKey(tr.experts, tr.num_experts)
         if name == "oracle"
-        else PerKey(**(shape if name == "trace" else {}))
+        else PerKey(**(shape if name != "oracle" else {}))
     )
     got, want = [], []
     a = simulate(tr, fast, capacity=capacity, on_fetch=lambda k, pf: got.append((k, pf)))

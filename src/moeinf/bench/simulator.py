@@ -25,8 +25,8 @@ import numpy as np
 from moeinf.errors import BadOption
 from moeinf.runtime.expert_key import ExpertKey
 from moeinf.runtime.policy import Policy, PolicyBase, batched_access, fused_hook, make_policy
+from moeinf.runtime.policy_core import replays_natively
 from moeinf.runtime.trace import Trace
-from moeinf.runtime.trace_policy_native import replays_natively
 
 
 @dataclass
@@ -96,13 +96,9 @@ def make_sim_policy(name: str, trace: Trace, **options) -> Policy:
         from moeinf.runtime.oracle import OraclePolicy
 
         return OraclePolicy(trace.experts, trace.num_experts)
-    if name == "trace":  # the shape from the start (and the native core, which needs it)
-        options = {
-            "num_layers": trace.num_layers,
-            "num_experts": trace.num_experts,
-            "top_k": trace.top_k,
-            **options,
-        }
+    if name in ("trace", "lru", "lfu"):  # the shape from the start (and the C cores, which need it)
+        shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "top_k": trace.top_k}
+        options = {**shape, **options}
     return make_policy(name, **options)
 
 
@@ -144,8 +140,8 @@ def simulate(
     native: bool = True,
 ) -> SimResult:
     """Replay `trace` through `policy`; see the module docstring. `on_fetch(key, prefetch)` sees every
-    fetch in order (for replay-equivalence tests). A native trace policy (runtime/trace_policy_native.py)
-    runs this loop in its C core unless `native` is False: the same steps, ~5x faster."""
+    fetch in order (for replay-equivalence tests). A native policy (runtime/policy_core.py) runs this
+    loop in its C core unless `native` is False: the same steps, several times faster."""
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
     slots = slots_for(capacity, L, E, K, per_layer)
     if native and replays_natively(policy):

@@ -186,19 +186,18 @@ def model_policy(name: str, stored, library=None):
     """The policy `name` for a stored model: `trace` learns from and adds to the model's trace library
     (`library`, default the one in the store), using its token-level routing statistics when it has
     enough of them."""
+    spec = stored.manifest.spec
+    shape = {"num_layers": spec.num_layers, "num_experts": spec.num_experts, "top_k": spec.top_k}
     if name != "trace":
-        return make_policy(name)
+        return make_policy(name, **shape)  # lru / lfu on their C cores where they build
     from moeinf.runtime.trace_library import open_model_library
 
-    spec = stored.manifest.spec
     library = library if library is not None else open_model_library(stored)
     return make_policy(
         "trace",
         library=library,
         routing=library.routing_stats(),
-        num_layers=spec.num_layers,
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
+        **shape,
     )
 
 

@@ -280,6 +280,22 @@ def _trace_policy(**options: Any) -> Policy:
     return make_trace_policy(**options)
 
 
+def _shaped(name: str, python: Callable[[], Policy]) -> Callable[..., Policy]:
+    """A factory for `lru` / `lfu`: the native policy (runtime/policy_core.py) when the model's shape
+    is given and the C cores load, else the Python class (same decisions)."""
+
+    def make(**shape: Any) -> Policy:
+        if shape:
+            from moeinf.runtime.policy_core import make_native  # imported late: it imports this module
+
+            native = make_native(name, **shape)
+            if native is not None:
+                return native
+        return python()
+
+    return make
+
+
 def _oracle_policy(**options: Any) -> Policy:
     from moeinf.errors import BadOption
 
@@ -313,20 +329,28 @@ DEFAULT_POLICY = "trace"  # what run and serve use unless told otherwise
 
 POLICIES: dict[str, Callable[..., Policy]] = {
     "naive": NaivePolicy,
-    "lru": LruPolicy,
-    "lfu": LfuPolicy,
+    "lru": _shaped("lru", LruPolicy),
+    "lfu": _shaped("lfu", LfuPolicy),
     "trace": _trace_policy,
     "oracle": _oracle_policy,
 }
 LEARNING_POLICIES = frozenset({"trace"})
 
 
+SHAPE_OPTIONS = ("num_layers", "num_experts", "top_k")
+
+
 def make_policy(name: str, **options: Any) -> Policy:
-    """The policy `name`. Options (e.g. `library=TraceLibrary`) go to learning policies only."""
+    """The policy `name`. Options (e.g. `library=TraceLibrary`) go to learning policies only; the
+    model's shape (`SHAPE_OPTIONS`) also to `lru` and `lfu`, which then run on their C cores."""
     from moeinf.errors import BadOption
 
     try:
         factory = POLICIES[name]
     except KeyError:
         raise BadOption(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}") from None
-    return factory(**options) if name in LEARNING_POLICIES else factory()
+    if name in LEARNING_POLICIES:
+        return factory(**options)
+    if name in ("lru", "lfu"):
+        return factory(**{k: v for k, v in options.items() if k in SHAPE_OPTIONS})
+    return factory()

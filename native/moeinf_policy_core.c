@@ -1,16 +1,19 @@
-/* moeinf_trace_core: the `trace` cache policy's state and decisions in C (a CPython extension type).
+/* moeinf_policy_core: cache policies' state and decisions in C (a CPython extension), and the policy
+   simulator's replay loop over them.
 
-   The same algorithm as src/moeinf/runtime/trace_policy.py + next_use.py, decision for decision: the
-   same expected-time (ET) formula in the same floating-point operation order (build with
-   -ffp-contract=off), the same lazy max-heap and check schedule. The Python class stays the reference
-   and the fallback; tests/test_trace_core.py replays traces through both and requires identical
-   fetch sequences. Why C: the policy simulator runs ~200 ET estimates per trace token, ~0.5 ms in
-   pure Python (issue 8 asks for 20k tokens per CPU second).
+   TraceCore: the `trace` policy of src/moeinf/runtime/trace_policy.py + next_use.py, decision for
+   decision: the same expected-time (ET) formula in the same floating-point operation order (built
+   with -ffp-contract=off), the same lazy max-heap and check schedule. LruCore and LfuCore: the
+   `lru` and `lfu` policies of src/moeinf/runtime/policy.py. The Python classes stay the reference
+   and the fallback; tests/test_policy_core.py replays traces through both and requires identical
+   fetch sequences. Why C: the policy simulator ran ~200 ET estimates per trace token, ~0.5 ms in
+   pure Python, and its own loop ~50 us per token (issue 8 asks for 20k tokens per CPU second).
 
    Keys are flat ids f = layer * E + expert (their order is the (layer, expert) tuple order, which
-   breaks ties in the heap exactly as Python's tuple comparison does). The Python subclass
-   (runtime/trace_policy_native.py) supplies the tables, the library prior (`_load_prior`) and
-   the ExpertKey objects returned to callers; it receives `_rematch()` calls every rematch_every tokens. */
+   breaks ties in the heaps exactly as Python's tuple comparison does). The Python subclasses
+   (runtime/policy_core.py, runtime/trace_policy_native.py) supply the tables, the library prior
+   (`_load_prior`) and the ExpertKey objects returned to callers; TraceCore calls back `_rematch()`
+   every rematch_every tokens. `_simulate` runs bench/simulator.py's loop step for step. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TC_VERSION 1
+#define PC_VERSION 2
 #define NONE INT64_MIN /* "no value" for token-valued fields (Python's None / missing dict key) */
 
 typedef struct { double neg; int32_t f; } Ent; /* heap entry (-ET, key) */
@@ -50,17 +53,25 @@ static int cvec_push(CVec *a, int64_t token, int32_t f) {
     return 0;
 }
 
+/* The common start of every policy object: shape and the ExpertKey objects by flat id. */
 typedef struct {
     PyObject_HEAD
     int ready;
     int L, E, n;
+    PyObject *keytab; /* list of n ExpertKey objects */
+} Base;
+
+typedef struct {
+    PyObject_HEAD
+    int ready;
+    int L, E, n;
+    PyObject *keytab;
     /* parameters */
     int bypass, prefetch, rematch_every, streak_lag, has_library;
     double bypass_margin, prefetch_threshold, kappa, lookahead_p, default_rate;
     int max_r;
     double *pow, *span, *hazard; /* [max_r + 1] */
     int32_t *next_check;         /* [max_r + 1] */
-    PyObject *keytab;            /* list of n ExpertKey objects */
     /* per key */
     uint8_t *resident, *has_stored;
     double *stored, *ew;
@@ -452,7 +463,8 @@ static int top_in(Core *s, PyObject *can_evict, int only_layer, int32_t *found, 
 
 /* --- argument helpers ----------------------------------------------------------------------------- */
 
-static int key_of(Core *s, PyObject *key, int32_t *f) {
+static int key_of(void *obj, PyObject *key, int32_t *f) {
+    Base *s = obj;
     if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
         PyErr_SetString(PyExc_TypeError, "expected an ExpertKey (layer, expert)");
         return -1;
@@ -468,15 +480,16 @@ static int key_of(Core *s, PyObject *key, int32_t *f) {
     return 0;
 }
 
-static PyObject *key_obj(Core *s, int32_t f) {
+static PyObject *key_obj(void *obj, int32_t f) {
+    Base *s = obj;
     PyObject *k = PyList_GET_ITEM(s->keytab, f);
     Py_INCREF(k);
     return k;
 }
 
-static int check_ready(Core *s) {
-    if (!s->ready) {
-        PyErr_SetString(PyExc_RuntimeError, "TraceCore used before _setup()");
+static int check_ready(void *obj) {
+    if (!((Base *)obj)->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "policy core used before _setup()");
         return -1;
     }
     return 0;
@@ -712,18 +725,28 @@ static PyObject *Core_on_router_lookahead(Core *s, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
-/* --- replay (bench/simulator.py's loop, for this policy) ------------------------------------------- */
+/* --- replay (bench/simulator.py's loop) ---------------------------------------------------------- */
 
-/* simulate() of bench/simulator.py, step for step, with this core's own hooks called directly: the
-   same residency, the same transfer-channel time model, the same counters, and the fetch order as a
-   log (flat id * 2 + prefetch). Used only for an unmodified native policy (simulator.py checks). */
+/* simulate() of bench/simulator.py, step for step, with a core's hooks called directly: the same
+   residency, the same transfer-channel time model, the same counters, and the fetch order as a log
+   (flat id * 2 + prefetch). Used only for an unmodified native policy (simulator.py checks). */
+
+typedef struct {
+    int (*accesses)(void *p, const int32_t *fs, Py_ssize_t n);
+    int (*bypass)(void *p, int32_t f);  /* NULL: never bypasses (not asked, as simulator.py does) */
+    /* the victim among residents not in run (and of `only_layer` when >= 0); *v = -1 if none */
+    int (*victim)(void *p, const int32_t *run, Py_ssize_t nrun, int only_layer, int32_t *v);
+    int (*evict)(void *p, int32_t f);
+    int (*insert)(void *p, int32_t f);
+    Py_ssize_t (*plan)(void *p, long layer, int32_t *out); /* NULL: no prefetch */
+    int (*plan_max)(void *p);
+} Ops;
 
 typedef struct { int32_t f; double at; uint8_t alive; } QEnt;
 
 typedef struct {
-    Core *s;
-    int per_layer, L, E;
-    Py_ssize_t *free_;
+    const char *name;
+    int E;
     uint8_t *resident, *prefetched, *queued, *has_ready;
     double *ready_at;
     QEnt *q;
@@ -731,7 +754,7 @@ typedef struct {
     Py_ssize_t *q_pos; /* f -> index in q of its live entry */
     const int32_t *run;
     Py_ssize_t nrun;
-    long long accesses, misses, issued, used, wasted, bypasses;
+    long long wasted;
     IVec log;
     int want_log;
 } Sim;
@@ -742,14 +765,15 @@ static int sim_in_run(Sim *m, int32_t f) {
     return 0;
 }
 
-static int sim_evict(Sim *m, int32_t v, int notify) {
+/* simulator.py's evict(): the policy's own on_evict already ran unless `notify` */
+static int sim_evict(Sim *m, const Ops *ops, void *pol, int32_t v, int notify) {
     if (!m->resident[v] || sim_in_run(m, v)) {
-        PyErr_Format(PyExc_RuntimeError, "policy trace chose victim (%d, %d) that is not evictable", v / m->E,
-                     v % m->E);
+        PyErr_Format(PyExc_RuntimeError, "policy %s chose victim (%d, %d) that is not evictable", m->name,
+                     v / m->E, v % m->E);
         return -1;
     }
     m->resident[v] = 0;
-    if (notify) evict(m->s, v);
+    if (notify && ops->evict(pol, v) < 0) return -1;
     if (m->prefetched[v]) {
         m->prefetched[v] = 0;
         m->wasted++;
@@ -766,56 +790,72 @@ static int sim_log(Sim *m, int32_t f, int prefetch) {
     return m->want_log ? ivec_push(&m->log, f * 2 + prefetch) : 0;
 }
 
-static PyObject *Core_simulate(Core *s, PyObject *args) {
+static int call_hook(PyObject *self, const char *name) {
+    PyObject *r = PyObject_CallMethod(self, name, NULL);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *replay(PyObject *self, const Ops *ops, void *pol, PyObject *args) {
+    Base *b = pol;
     PyObject *experts_obj, *offsets_obj;
     Py_ssize_t slots;
     int per_layer, want_log;
     double C, X;
     if (!PyArg_ParseTuple(args, "OOnpddp", &experts_obj, &offsets_obj, &slots, &per_layer, &C, &X, &want_log))
         return NULL;
-    if (check_ready(s) < 0) return NULL;
+    if (check_ready(pol) < 0) return NULL;
+    PyObject *name = PyObject_GetAttrString(self, "name");
+    if (!name) return NULL;
     Py_buffer buf;
-    if (PyObject_GetBuffer(experts_obj, &buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) < 0) return NULL;
+    if (PyObject_GetBuffer(experts_obj, &buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) < 0) {
+        Py_DECREF(name);
+        return NULL;
+    }
     PyObject *offsets = NULL, *result = NULL;
+    int32_t *run = NULL, *missed = NULL, *plan = NULL;
+    Py_ssize_t *free_ = NULL;
     Sim m;
     memset(&m, 0, sizeof m);
-    int L = s->L, E = s->E;
-    Py_ssize_t n = s->n;
-    if (buf.ndim != 3 || buf.itemsize != 8 || (buf.format[0] != 'q' && buf.format[0] != 'l') ||
-        buf.shape[1] != L) {
+    int L = b->L, E = b->E;
+    Py_ssize_t n = b->n;
+    long long accesses_ = 0, misses = 0, issued = 0, used = 0, bypasses = 0;
+    if (buf.ndim != 3 || buf.itemsize != 8 || (buf.format[0] != 'q' && buf.format[0] != 'l') || buf.shape[1] != L) {
         PyErr_SetString(PyExc_ValueError, "experts: expected a C-contiguous int64 array [T, L, K] of the policy's L");
-        goto out;
+        goto done;
     }
     Py_ssize_t T = buf.shape[0], K = buf.shape[2];
     const int64_t *x = buf.buf;
     offsets = PySequence_Fast(offsets_obj, "offsets must be a sequence");
-    if (!offsets) goto out;
-    m.s = s; m.per_layer = per_layer; m.L = L; m.E = E; m.want_log = want_log;
-    m.free_ = calloc(L, sizeof *m.free_);
+    if (!offsets) goto done;
+    m.name = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : "?";
+    m.E = E;
+    m.want_log = want_log;
+    int plan_max = ops->plan ? ops->plan_max(pol) : 0;
+    free_ = calloc(L, sizeof *free_);
     m.resident = calloc(n, 1); m.prefetched = calloc(n, 1); m.queued = calloc(n, 1); m.has_ready = calloc(n, 1);
     m.ready_at = calloc(n, sizeof *m.ready_at);
     m.q_pos = calloc(n, sizeof *m.q_pos);
-    int32_t *run = malloc((K ? K : 1) * sizeof *run);
-    int32_t *missed = malloc((K ? K : 1) * sizeof *missed);
-    int32_t *plan = malloc((s->prefetch > 0 ? s->prefetch : 1) * sizeof *plan);
-    if (!m.free_ || !m.resident || !m.prefetched || !m.queued || !m.has_ready || !m.ready_at || !m.q_pos || !run ||
+    run = malloc((K ? K : 1) * sizeof *run);
+    missed = malloc((K ? K : 1) * sizeof *missed);
+    plan = malloc((plan_max > 0 ? plan_max : 1) * sizeof *plan);
+    if (!free_ || !m.resident || !m.prefetched || !m.queued || !m.has_ready || !m.ready_at || !m.q_pos || !run ||
         !missed || !plan) {
         PyErr_NoMemory();
         goto done;
     }
-    if (per_layer) for (int l = 0; l < L; l++) m.free_[l] = slots / L;
-    else m.free_[0] = slots;
+    if (per_layer) for (int l = 0; l < L; l++) free_[l] = slots / L;
+    else free_[0] = slots;
     double now = 0.0, busy = 0.0;
     Py_ssize_t nreq = PySequence_Fast_GET_SIZE(offsets) - 1;
     for (Py_ssize_t r = 0; r < nreq; r++) {
         Py_ssize_t a = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(offsets, r));
-        Py_ssize_t b = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(offsets, r + 1));
+        Py_ssize_t z = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(offsets, r + 1));
         if (PyErr_Occurred()) goto done;
-        if (a < 0 || b > T || a > b) { PyErr_SetString(PyExc_ValueError, "bad seq_offsets"); goto done; }
-        PyObject *ret = PyObject_CallMethod((PyObject *)s, "on_request_start", NULL);
-        if (!ret) goto done;
-        Py_DECREF(ret);
-        for (Py_ssize_t t = a; t < b; t++) {
+        if (a < 0 || z > T || a > z) { PyErr_SetString(PyExc_ValueError, "bad seq_offsets"); goto done; }
+        if (call_hook(self, "on_request_start") < 0) goto done;
+        for (Py_ssize_t t = a; t < z; t++) {
             for (int layer = 0; layer < L; layer++) {
                 const int64_t *ids = x + ((Py_ssize_t)t * L + layer) * K;
                 Py_ssize_t nrun = 0;
@@ -826,7 +866,7 @@ static PyObject *Core_simulate(Core *s, PyObject *args) {
                 }
                 if (!nrun) continue;
                 m.run = run; m.nrun = nrun;
-                m.accesses += nrun;
+                accesses_ += nrun;
                 /* the channel: queued prefetches that started before this layer's routing keep going */
                 while (m.q_head < m.q_n && busy < now) {
                     QEnt e = m.q[m.q_head++];
@@ -840,12 +880,12 @@ static PyObject *Core_simulate(Core *s, PyObject *args) {
                 Py_ssize_t nmiss = 0;
                 for (Py_ssize_t i = 0; i < nrun; i++)
                     if (!m.resident[run[i]]) missed[nmiss++] = run[i];
-                if (accesses(s, run, nrun) < 0) goto done;
+                if (ops->accesses(pol, run, nrun) < 0) goto done;
                 for (Py_ssize_t i = 0; i < nrun; i++) {
                     int32_t f = run[i];
                     if (!m.prefetched[f]) continue;
                     m.prefetched[f] = 0;
-                    m.used++;
+                    used++;
                     if (m.queued[f]) { /* promoted to demand */
                         m.queued[f] = 0;
                         m.q[m.q_pos[f]].alive = 0;
@@ -860,49 +900,48 @@ static PyObject *Core_simulate(Core *s, PyObject *args) {
                 }
                 int pool = per_layer ? layer : 0;
                 int only = per_layer ? layer : -1;
-                m.misses += nmiss;
+                misses += nmiss;
                 for (Py_ssize_t i = 0; i < nmiss; i++) {
                     int32_t f = missed[i];
                     busy = (busy > now ? busy : now) + X;
                     if (busy > ready) ready = busy;
                     if (sim_log(&m, f, 0) < 0) goto done;
-                    if (m.free_[pool]) {
-                        m.free_[pool]--;
+                    if (free_[pool]) {
+                        free_[pool]--;
                         m.resident[f] = 1;
-                        if (insert(s, f) < 0) goto done;
+                        if (ops->insert(pol, f) < 0) goto done;
                         continue;
                     }
-                    int by = bypass_f(s, f);
-                    if (by < 0) goto done;
-                    if (by) { m.bypasses++; continue; }
+                    if (ops->bypass) {
+                        int by = ops->bypass(pol, f);
+                        if (by < 0) goto done;
+                        if (by) { bypasses++; continue; }
+                    }
                     int32_t v;
-                    double vet;
-                    if (s->due && refresh_layer(s) < 0) goto done;
-                    if (top_in(s, NULL, only, &v, &vet) < 0) goto done;
-                    if (v < 0) { PyErr_SetString(PyExc_RuntimeError, "policy trace found no victim for a demand miss"); goto done; }
-                    evict(s, v);
-                    if (insert(s, f) < 0) goto done;
-                    if (sim_evict(&m, v, 0) < 0) goto done;
+                    if (ops->victim(pol, run, nrun, only, &v) < 0) goto done;
+                    if (v < 0) {
+                        PyErr_Format(PyExc_RuntimeError, "policy %s found no victim for a demand miss", m.name);
+                        goto done;
+                    }
+                    if (sim_evict(&m, ops, pol, v, 1) < 0 || ops->insert(pol, f) < 0) goto done;
                     m.resident[f] = 1;
                 }
-                Py_ssize_t np = plan_f(s, layer, plan);
+                Py_ssize_t np = ops->plan ? ops->plan(pol, layer, plan) : 0;
                 if (np < 0) goto done;
                 for (Py_ssize_t i = 0; i < np; i++) {
                     int32_t f = plan[i];
                     if (m.resident[f] || sim_in_run(&m, f)) continue;
                     int p = per_layer ? f / E : 0;
-                    if (m.free_[p]) {
-                        m.free_[p]--;
+                    if (free_[p]) {
+                        free_[p]--;
                     } else {
                         int32_t v;
-                        double vet;
-                        if (s->due && refresh_layer(s) < 0) goto done;
-                        if (top_in(s, NULL, per_layer ? f / E : -1, &v, &vet) < 0) goto done;
+                        if (ops->victim(pol, run, nrun, per_layer ? f / E : -1, &v) < 0) goto done;
                         if (v < 0) break;
-                        if (sim_evict(&m, v, 1) < 0) goto done;
+                        if (sim_evict(&m, ops, pol, v, 1) < 0) goto done;
                     }
                     m.resident[f] = 1;
-                    if (insert(s, f) < 0) goto done;
+                    if (ops->insert(pol, f) < 0) goto done;
                     m.prefetched[f] = 1;
                     m.queued[f] = 1;
                     if (m.q_n == m.q_cap) {
@@ -914,40 +953,56 @@ static PyObject *Core_simulate(Core *s, PyObject *args) {
                     m.q_pos[f] = m.q_n;
                     m.q[m.q_n].f = f; m.q[m.q_n].at = now; m.q[m.q_n].alive = 1;
                     m.q_n++;
-                    m.issued++;
+                    issued++;
                     if (sim_log(&m, f, 1) < 0) goto done;
                 }
                 now = ready + C;
             }
         }
-        ret = PyObject_CallMethod((PyObject *)s, "on_request_end", NULL);
-        if (!ret) goto done;
-        Py_DECREF(ret);
+        if (call_hook(self, "on_request_end") < 0) goto done;
     }
     for (Py_ssize_t f = 0; f < n; f++) m.wasted += m.prefetched[f];
     {
-        PyObject *log = NULL;
+        PyObject *log = Py_None;
         if (want_log) {
             log = PyList_New(m.log.n);
             if (!log) goto done;
             for (Py_ssize_t i = 0; i < m.log.n; i++) PyList_SET_ITEM(log, i, PyLong_FromLong(m.log.v[i]));
         } else {
-            log = Py_None;
             Py_INCREF(log);
         }
-        result = Py_BuildValue("{sLsLsLsLsLsLsdsN}", "accesses", m.accesses, "demand_misses", m.misses,
-                               "prefetches_issued", m.issued, "prefetches_used", m.used, "prefetches_wasted",
-                               m.wasted, "bypasses", m.bypasses, "time_ms", now, "log", log);
+        result = Py_BuildValue("{sLsLsLsLsLsLsdsN}", "accesses", accesses_, "demand_misses", misses,
+                               "prefetches_issued", issued, "prefetches_used", used, "prefetches_wasted", m.wasted,
+                               "bypasses", bypasses, "time_ms", now, "log", log);
     }
 done:
-    free(run); free(missed); free(plan);
-out:
-    free(m.free_); free(m.resident); free(m.prefetched); free(m.queued); free(m.has_ready);
+    free(run); free(missed); free(plan); free(free_);
+    free(m.resident); free(m.prefetched); free(m.queued); free(m.has_ready);
     free(m.ready_at); free(m.q_pos); free(m.q); free(m.log.v);
     Py_XDECREF(offsets);
+    Py_DECREF(name);
     PyBuffer_Release(&buf);
     return result;
 }
+
+/* TraceCore's ops */
+static int trace_accesses(void *p, const int32_t *fs, Py_ssize_t n) { return accesses(p, fs, n); }
+static int trace_bypass(void *p, int32_t f) { return bypass_f(p, f); }
+static int trace_victim(void *p, const int32_t *run, Py_ssize_t nrun, int only, int32_t *v) {
+    Core *s = p;
+    double et;
+    (void)run; (void)nrun; /* the running layer call's keys are the core's own `running` */
+    if (s->due && refresh_layer(s) < 0) return -1;
+    return top_in(s, NULL, only, v, &et);
+}
+static int trace_evict(void *p, int32_t f) { evict(p, f); return 0; }
+static int trace_insert(void *p, int32_t f) { return insert(p, f); }
+static Py_ssize_t trace_plan(void *p, long layer, int32_t *out) { return plan_f(p, layer, out); }
+static int trace_plan_max(void *p) { return ((Core *)p)->prefetch; }
+static const Ops TRACE_OPS = {trace_accesses, trace_bypass, trace_victim, trace_evict, trace_insert, trace_plan,
+                              trace_plan_max};
+
+static PyObject *Core_simulate(Core *s, PyObject *args) { return replay((PyObject *)s, &TRACE_OPS, s, args); }
 
 /* --- set-up and state for the Python side --------------------------------------------------------- */
 
@@ -1137,7 +1192,7 @@ static PyMethodDef Core_methods[] = {
 
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "moeinf_trace_core.TraceCore",
+    .tp_name = "moeinf_policy_core.TraceCore",
     .tp_basicsize = sizeof(Core),
     .tp_dealloc = (destructor)Core_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
@@ -1146,18 +1201,460 @@ static PyTypeObject CoreType = {
     .tp_new = PyType_GenericNew,
 };
 
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, .m_name = "moeinf_trace_core", .m_doc = NULL, .m_size = -1, .m_methods = NULL,
+/* --- shared by LruCore and LfuCore ---------------------------------------------------------------- */
+
+static int setup_base(Base *b, PyObject *args) {
+    int L, E;
+    PyObject *keytab;
+    if (!PyArg_ParseTuple(args, "iiO", &L, &E, &keytab)) return -1;
+    if (L < 1 || E < 1) {
+        PyErr_Format(PyExc_ValueError, "bad shape %d x %d", L, E);
+        return -1;
+    }
+    if (!PyList_Check(keytab) || PyList_GET_SIZE(keytab) != (Py_ssize_t)L * E) {
+        PyErr_Format(PyExc_ValueError, "keytab: expected a list of %d keys", L * E);
+        return -1;
+    }
+    b->L = L; b->E = E; b->n = L * E;
+    Py_INCREF(keytab);
+    Py_XSETREF(b->keytab, keytab);
+    return 0;
+}
+
+/* Whether f may be evicted: by the Python `can_evict`, else not in run and of `only` (>= 0). 1/0/-1. */
+static int evictable(Base *b, PyObject *can_evict, const int32_t *run, Py_ssize_t nrun, int only, int32_t f) {
+    if (can_evict) {
+        PyObject *r = PyObject_CallOneArg(can_evict, PyList_GET_ITEM(b->keytab, f));
+        if (!r) return -1;
+        int ok = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        return ok;
+    }
+    if (only >= 0 && f / b->E != only) return 0;
+    for (Py_ssize_t i = 0; i < nrun; i++)
+        if (run[i] == f) return 0;
+    return 1;
+}
+
+/* Parses a layer call's keys into flat ids (*fs: `small` or malloc'd; free if != small). */
+static Py_ssize_t keys_of(void *obj, PyObject *keys, int32_t *small, int32_t **fs) {
+    PyObject *seq = PySequence_Fast(keys, "keys must be a sequence");
+    if (!seq) return -1;
+    Py_ssize_t nk = PySequence_Fast_GET_SIZE(seq);
+    *fs = nk <= 16 ? small : malloc(nk * sizeof **fs);
+    if (!*fs) { Py_DECREF(seq); PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        if (key_of(obj, PySequence_Fast_GET_ITEM(seq, i), &(*fs)[i]) < 0) {
+            if (*fs != small) free(*fs);
+            *fs = small;
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return nk;
+}
+
+/* --- LruCore: runtime/policy.py's LruPolicy ------------------------------------------------------- */
+
+/* The recency order (oldest first) of the keys the policy was told are resident: a doubly linked
+   list over flat ids, as LruPolicy's OrderedDict. */
+typedef struct {
+    PyObject_HEAD
+    int ready;
+    int L, E, n;
+    PyObject *keytab;
+    int32_t *prev, *next;
+    uint8_t *in;
+    int32_t head, tail;
+} Lru;
+
+static void lru_unlink(Lru *s, int32_t f) {
+    if (s->prev[f] >= 0) s->next[s->prev[f]] = s->next[f]; else s->head = s->next[f];
+    if (s->next[f] >= 0) s->prev[s->next[f]] = s->prev[f]; else s->tail = s->prev[f];
+    s->in[f] = 0;
+}
+
+static void lru_append(Lru *s, int32_t f) {
+    s->prev[f] = s->tail;
+    s->next[f] = -1;
+    if (s->tail >= 0) s->next[s->tail] = f; else s->head = f;
+    s->tail = f;
+    s->in[f] = 1;
+}
+
+static void lru_to_end(Lru *s, int32_t f) {
+    if (s->in[f]) lru_unlink(s, f);
+    lru_append(s, f);
+}
+
+static int lru_accesses(void *p, const int32_t *fs, Py_ssize_t n) {
+    Lru *s = p;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s->in[fs[i]]) lru_to_end(s, fs[i]);
+    return 0;
+}
+
+static int lru_find(Lru *s, PyObject *can_evict, const int32_t *run, Py_ssize_t nrun, int only, int32_t *v) {
+    *v = -1;
+    for (int32_t f = s->head; f >= 0; f = s->next[f]) {
+        int ok = evictable((Base *)s, can_evict, run, nrun, only, f);
+        if (ok < 0) return -1;
+        if (ok) { *v = f; break; }
+    }
+    return 0;
+}
+
+static int lru_victim(void *p, const int32_t *run, Py_ssize_t nrun, int only, int32_t *v) {
+    return lru_find(p, NULL, run, nrun, only, v);
+}
+static int lru_evict(void *p, int32_t f) {
+    if (((Lru *)p)->in[f]) lru_unlink(p, f);
+    return 0;
+}
+static int lru_insert(void *p, int32_t f) { lru_to_end(p, f); return 0; }
+static const Ops LRU_OPS = {lru_accesses, NULL, lru_victim, lru_evict, lru_insert, NULL, NULL};
+
+static PyObject *Lru_setup(Lru *s, PyObject *args) {
+    if (setup_base((Base *)s, args) < 0) return NULL;
+    free(s->prev); free(s->next); free(s->in);
+    s->prev = malloc(s->n * sizeof *s->prev);
+    s->next = malloc(s->n * sizeof *s->next);
+    s->in = calloc(s->n, 1);
+    if (!s->prev || !s->next || !s->in) return PyErr_NoMemory();
+    s->head = s->tail = -1;
+    s->ready = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_on_access(Lru *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_access(key, hit)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
+    lru_accesses(s, &f, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_on_accesses(Lru *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t small[16], *fs;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_accesses(keys, missed)"); return NULL; }
+    if (check_ready(s) < 0) return NULL;
+    Py_ssize_t nk = keys_of(s, args[0], small, &fs);
+    if (nk < 0) return NULL;
+    lru_accesses(s, fs, nk);
+    if (fs != small) free(fs);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_on_insert(Lru *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
+    lru_to_end(s, f);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_on_evict(Lru *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
+    lru_evict(s, f);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_choose_victim(Lru *s, PyObject *can_evict) {
+    int32_t v;
+    if (check_ready(s) < 0 || lru_find(s, can_evict, NULL, 0, -1, &v) < 0) return NULL;
+    if (v < 0) Py_RETURN_NONE;
+    return key_obj(s, v);
+}
+
+static PyObject *Lru_replace(Lru *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f, v;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "replace(key, can_evict)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
+    if (lru_find(s, args[1], NULL, 0, -1, &v) < 0) return NULL;
+    if (v < 0) Py_RETURN_NONE;
+    lru_unlink(s, v);
+    lru_to_end(s, f);
+    return key_obj(s, v);
+}
+
+static PyObject *Lru_simulate(Lru *s, PyObject *args) { return replay((PyObject *)s, &LRU_OPS, s, args); }
+
+static void Lru_dealloc(Lru *s) {
+    free(s->prev); free(s->next); free(s->in);
+    Py_CLEAR(s->keytab);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef Lru_methods[] = {
+    {"on_access", (PyCFunction)(void (*)(void))Lru_on_access, METH_FASTCALL, "One use of key."},
+    {"on_accesses", (PyCFunction)(void (*)(void))Lru_on_accesses, METH_FASTCALL, "A layer call's uses."},
+    {"on_insert", (PyCFunction)Lru_on_insert, METH_O, "key took a slot."},
+    {"on_evict", (PyCFunction)Lru_on_evict, METH_O, "key left its slot."},
+    {"choose_victim", (PyCFunction)Lru_choose_victim, METH_O, "The least recently used evictable key."},
+    {"replace", (PyCFunction)(void (*)(void))Lru_replace, METH_FASTCALL, "choose_victim+on_evict+on_insert."},
+    {"_setup", (PyCFunction)Lru_setup, METH_VARARGS, "Shape and keys."},
+    {"_simulate", (PyCFunction)Lru_simulate, METH_VARARGS, "bench.simulator.simulate's loop, natively."},
+    {NULL, NULL, 0, NULL},
 };
 
-PyMODINIT_FUNC PyInit_moeinf_trace_core(void) {
-    if (PyType_Ready(&CoreType) < 0) return NULL;
+static PyTypeObject LruType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "moeinf_policy_core.LruCore",
+    .tp_basicsize = sizeof(Lru),
+    .tp_dealloc = (destructor)Lru_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "LruPolicy's state and decisions (see runtime/policy_core.py).",
+    .tp_methods = Lru_methods,
+    .tp_new = PyType_GenericNew,
+};
+
+/* --- LfuCore: runtime/policy.py's LfuPolicy ------------------------------------------------------- */
+
+/* Least (count, last use, key) among residents; counts survive eviction. A lazy min-heap as in
+   LfuPolicy: entries are lower bounds of their key's current values, re-filed when they surface. */
+typedef struct { int64_t c, t; int32_t f; } LEnt;
+
+typedef struct {
+    PyObject_HEAD
+    int ready;
+    int L, E, n;
+    PyObject *keytab;
+    int64_t *count, *last, tick;
+    uint8_t *resident;
+    Py_ssize_t n_resident;
+    LEnt *heap;
+    Py_ssize_t heap_n, heap_cap;
+} Lfu;
+
+static inline int lent_lt(LEnt a, LEnt b) {
+    return a.c < b.c || (a.c == b.c && (a.t < b.t || (a.t == b.t && a.f < b.f)));
+}
+
+static void lfu_down(LEnt *h, Py_ssize_t n, Py_ssize_t i) {
+    LEnt x = h[i];
+    for (;;) {
+        Py_ssize_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && lent_lt(h[c + 1], h[c])) c++;
+        if (!lent_lt(h[c], x)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+static int lfu_push(Lfu *s, LEnt x) {
+    if (s->heap_n == s->heap_cap) {
+        Py_ssize_t cap = s->heap_cap ? 2 * s->heap_cap : 256;
+        LEnt *h = realloc(s->heap, cap * sizeof *h);
+        if (!h) { PyErr_NoMemory(); return -1; }
+        s->heap = h; s->heap_cap = cap;
+    }
+    Py_ssize_t i = s->heap_n++;
+    while (i > 0) {
+        Py_ssize_t p = (i - 1) / 2;
+        if (!lent_lt(x, s->heap[p])) break;
+        s->heap[i] = s->heap[p];
+        i = p;
+    }
+    s->heap[i] = x;
+    return 0;
+}
+
+static LEnt lfu_pop(Lfu *s) {
+    LEnt top = s->heap[0];
+    s->heap[0] = s->heap[--s->heap_n];
+    if (s->heap_n) lfu_down(s->heap, s->heap_n, 0);
+    return top;
+}
+
+static int lfu_accesses(void *p, const int32_t *fs, Py_ssize_t n) {
+    Lfu *s = p;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        s->count[fs[i]] += 1;
+        s->last[fs[i]] = ++s->tick;
+    }
+    return 0;
+}
+
+static int lfu_insert(void *p, int32_t f) {
+    Lfu *s = p;
+    if (!s->resident[f]) { s->resident[f] = 1; s->n_resident++; }
+    if (s->last[f] == NONE) s->last[f] = s->tick;
+    LEnt x = {s->count[f], s->last[f], f};
+    if (lfu_push(s, x) < 0) return -1;
+    if (s->heap_n > 4 * s->n_resident + 64) { /* entries of evicted keys pile up: refile the residents */
+        s->heap_n = 0;
+        for (int32_t g = 0; g < s->n; g++)
+            if (s->resident[g]) {
+                LEnt y = {s->count[g], s->last[g], g};
+                s->heap[s->heap_n++] = y;
+            }
+        for (Py_ssize_t i = s->heap_n / 2 - 1; i >= 0; i--) lfu_down(s->heap, s->heap_n, i);
+    }
+    return 0;
+}
+
+static int lfu_evict(void *p, int32_t f) {
+    Lfu *s = p;
+    if (s->resident[f]) { s->resident[f] = 0; s->n_resident--; }
+    return 0;
+}
+
+/* The least current (count, last, key) among evictable residents; *v = -1 if none. Entries popped as
+   not evictable go back on the heap. */
+static int lfu_find(Lfu *s, PyObject *can_evict, const int32_t *run, Py_ssize_t nrun, int only, int32_t *v) {
+    LEnt small[16], *held = small;
+    Py_ssize_t nheld = 0, cap = 16;
+    int rc = 0;
+    *v = -1;
+    while (s->heap_n) {
+        LEnt e = s->heap[0];
+        if (!s->resident[e.f]) { lfu_pop(s); continue; }
+        if (s->count[e.f] != e.c || s->last[e.f] != e.t) { /* used since: re-file with current values */
+            s->heap[0].c = s->count[e.f];
+            s->heap[0].t = s->last[e.f];
+            lfu_down(s->heap, s->heap_n, 0);
+            continue;
+        }
+        int ok = evictable((Base *)s, can_evict, run, nrun, only, e.f);
+        if (ok < 0) { rc = -1; break; }
+        if (ok) { *v = e.f; break; }
+        if (nheld == cap) {
+            cap *= 2;
+            LEnt *h = held == small ? malloc(cap * sizeof *h) : realloc(held, cap * sizeof *h);
+            if (!h) { PyErr_NoMemory(); rc = -1; break; }
+            if (held == small) memcpy(h, small, sizeof small);
+            held = h;
+        }
+        held[nheld++] = lfu_pop(s);
+    }
+    for (Py_ssize_t i = 0; i < nheld; i++)
+        if (lfu_push(s, held[i]) < 0) rc = -1;
+    if (held != small) free(held);
+    return rc;
+}
+
+static int lfu_victim(void *p, const int32_t *run, Py_ssize_t nrun, int only, int32_t *v) {
+    return lfu_find(p, NULL, run, nrun, only, v);
+}
+static const Ops LFU_OPS = {lfu_accesses, NULL, lfu_victim, lfu_evict, lfu_insert, NULL, NULL};
+
+static PyObject *Lfu_setup(Lfu *s, PyObject *args) {
+    if (setup_base((Base *)s, args) < 0) return NULL;
+    free(s->count); free(s->last); free(s->resident);
+    s->count = calloc(s->n, sizeof *s->count);
+    s->last = malloc(s->n * sizeof *s->last);
+    s->resident = calloc(s->n, 1);
+    if (!s->count || !s->last || !s->resident) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < s->n; i++) s->last[i] = NONE;
+    s->tick = 0; s->n_resident = 0; s->heap_n = 0;
+    s->ready = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lfu_on_access(Lfu *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_access(key, hit)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
+    lfu_accesses(s, &f, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lfu_on_accesses(Lfu *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t small[16], *fs;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_accesses(keys, missed)"); return NULL; }
+    if (check_ready(s) < 0) return NULL;
+    Py_ssize_t nk = keys_of(s, args[0], small, &fs);
+    if (nk < 0) return NULL;
+    lfu_accesses(s, fs, nk);
+    if (fs != small) free(fs);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lfu_on_insert(Lfu *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0 || lfu_insert(s, f) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lfu_on_evict(Lfu *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
+    lfu_evict(s, f);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lfu_choose_victim(Lfu *s, PyObject *can_evict) {
+    int32_t v;
+    if (check_ready(s) < 0 || lfu_find(s, can_evict, NULL, 0, -1, &v) < 0) return NULL;
+    if (v < 0) Py_RETURN_NONE;
+    return key_obj(s, v);
+}
+
+static PyObject *Lfu_replace(Lfu *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f, v;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "replace(key, can_evict)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
+    if (lfu_find(s, args[1], NULL, 0, -1, &v) < 0) return NULL;
+    if (v < 0) Py_RETURN_NONE;
+    lfu_evict(s, v);
+    if (lfu_insert(s, f) < 0) return NULL;
+    return key_obj(s, v);
+}
+
+static PyObject *Lfu_simulate(Lfu *s, PyObject *args) { return replay((PyObject *)s, &LFU_OPS, s, args); }
+
+static void Lfu_dealloc(Lfu *s) {
+    free(s->count); free(s->last); free(s->resident); free(s->heap);
+    Py_CLEAR(s->keytab);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef Lfu_methods[] = {
+    {"on_access", (PyCFunction)(void (*)(void))Lfu_on_access, METH_FASTCALL, "One use of key."},
+    {"on_accesses", (PyCFunction)(void (*)(void))Lfu_on_accesses, METH_FASTCALL, "A layer call's uses."},
+    {"on_insert", (PyCFunction)Lfu_on_insert, METH_O, "key took a slot."},
+    {"on_evict", (PyCFunction)Lfu_on_evict, METH_O, "key left its slot."},
+    {"choose_victim", (PyCFunction)Lfu_choose_victim, METH_O, "The least frequently used evictable key."},
+    {"replace", (PyCFunction)(void (*)(void))Lfu_replace, METH_FASTCALL, "choose_victim+on_evict+on_insert."},
+    {"_setup", (PyCFunction)Lfu_setup, METH_VARARGS, "Shape and keys."},
+    {"_simulate", (PyCFunction)Lfu_simulate, METH_VARARGS, "bench.simulator.simulate's loop, natively."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LfuType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "moeinf_policy_core.LfuCore",
+    .tp_basicsize = sizeof(Lfu),
+    .tp_dealloc = (destructor)Lfu_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "LfuPolicy's state and decisions (see runtime/policy_core.py).",
+    .tp_methods = Lfu_methods,
+    .tp_new = PyType_GenericNew,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "moeinf_policy_core", .m_doc = NULL, .m_size = -1, .m_methods = NULL,
+};
+
+PyMODINIT_FUNC PyInit_moeinf_policy_core(void) {
+    PyTypeObject *types[] = {&CoreType, &LruType, &LfuType};
+    const char *names[] = {"TraceCore", "LruCore", "LfuCore"};
+    for (int i = 0; i < 3; i++)
+        if (PyType_Ready(types[i]) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    Py_INCREF(&CoreType);
-    if (PyModule_AddObject(m, "TraceCore", (PyObject *)&CoreType) < 0 ||
-        PyModule_AddIntConstant(m, "VERSION", TC_VERSION) < 0) {
-        Py_DECREF(&CoreType);
+    for (int i = 0; i < 3; i++) {
+        Py_INCREF(types[i]);
+        if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(types[i]);
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    if (PyModule_AddIntConstant(m, "VERSION", PC_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

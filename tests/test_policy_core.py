@@ -1,7 +1,8 @@
-"""The trace policy's C core (native/moeinf_trace_core.c) decides exactly as the Python TracePolicy.
+"""The policies' C cores (native/moeinf_policy_core.c) decide exactly as the Python classes.
 
-Both are replayed through the simulator and driven hook by hook as the cache drives them (per-key
-accesses, router lookahead, bypass, prefetch); every answer and every fetch must be the same.
+Both are replayed through the simulator (its Python loop and the core's own) and driven hook by hook
+as the cache drives them (per-key accesses, router lookahead, bypass, prefetch); every answer and
+every fetch must be the same.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import numpy as np
 import pytest
 
 from moeinf.bench.simulator import make_sim_policy, simulate
-from moeinf.runtime import trace_policy_native
+from moeinf.runtime import policy_core, trace_policy_native
 from moeinf.runtime.expert_key import ExpertKey
-from moeinf.runtime.policy import make_policy
+from moeinf.runtime.policy import LfuPolicy, LruPolicy, make_policy
 from moeinf.runtime.routing_counts import routing_statistics
 from moeinf.runtime.trace import make_trace
 from moeinf.runtime.trace_library import TraceLibrary
 from moeinf.runtime.trace_policy import TracePolicy
 
 Native = trace_policy_native.native_class()
-needs_core = pytest.mark.skipif(Native is None, reason=f"no trace core: {trace_policy_native.core_reason()}")
+needs_core = pytest.mark.skipif(Native is None, reason=f"no policy cores: {policy_core.core_reason()}")
 
 L, E, K = 6, 16, 2
 
@@ -76,7 +77,7 @@ def test_simulated_fetches_identical(capacity, per_layer):
             on_fetch=lambda k, p, fetches=fetches: fetches.append((k, p)),
         )
         runs.append((fetches, r))
-    assert trace_policy_native.replays_natively(native)
+    assert policy_core.replays_natively(native)
     (a, ra) = runs[0]
     assert len(a) > tr.num_tokens  # a busy cache
     if capacity < 0.5:  # every kind of decision was taken (here: 30-222 bypasses, 1-122 prefetches)
@@ -153,8 +154,8 @@ def test_a_subclass_that_overrides_a_decision_is_replayed_hook_by_hook():
         def should_bypass(self, key):
             return False
 
-    assert not trace_policy_native.replays_natively(Custom(num_layers=L, num_experts=E, top_k=K))
-    assert not trace_policy_native.replays_natively(TracePolicy())
+    assert not policy_core.replays_natively(Custom(num_layers=L, num_experts=E, top_k=K))
+    assert not policy_core.replays_natively(TracePolicy())
 
 
 @needs_core
@@ -166,14 +167,16 @@ def test_make_policy_picks_the_core_when_the_shape_is_known():
 
 def test_no_core_when_turned_off(monkeypatch):
     monkeypatch.setenv("MOEINF_NATIVE", "0")
-    trace_policy_native.reset()
+    policy_core.reset()
     try:
         assert trace_policy_native.native_class() is None
-        assert "MOEINF_NATIVE=0" in trace_policy_native.core_reason()
+        assert "MOEINF_NATIVE=0" in policy_core.core_reason()
         assert type(make_policy("trace", num_layers=L, num_experts=E, top_k=K)) is TracePolicy
+        assert type(make_policy("lru", num_layers=L, num_experts=E, top_k=K)) is LruPolicy
+        assert type(make_policy("lfu", num_layers=L, num_experts=E, top_k=K)) is LfuPolicy
     finally:
         monkeypatch.delenv("MOEINF_NATIVE")
-        trace_policy_native.reset()
+        policy_core.reset()
 
 
 @needs_core
@@ -190,3 +193,70 @@ def test_verbose_names_the_engine():
     native = make_policy("trace", num_layers=L, num_experts=E, top_k=K)
     assert trace_policy_native.describe_engine(native).startswith("trace policy: C core (")
     assert "shape was not given" in trace_policy_native.describe_engine(TracePolicy())
+
+
+@needs_core
+@pytest.mark.parametrize("name", ["lru", "lfu"])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("capacity", [0.125, 0.25, 0.5])
+def test_lru_and_lfu_cores_fetch_as_the_python_classes(name, capacity, per_layer):
+    tr = sticky_trace(seed=2, requests=4)
+    shape = {"num_layers": L, "num_experts": E, "top_k": K}
+    python = {"lru": LruPolicy, "lfu": LfuPolicy}[name]()
+    native = make_policy(name, **shape)
+    assert type(native).__name__ == f"Native{name.capitalize()}Policy" and native.name == name
+    assert policy_core.replays_natively(native)
+    runs = []
+    for policy, loop in ((python, False), (make_policy(name, **shape), False), (native, True)):
+        fetches = []
+        r = simulate(
+            tr,
+            policy,
+            capacity=capacity,
+            per_layer=per_layer,
+            native=loop,
+            on_fetch=lambda k, p, fetches=fetches: fetches.append((k, p)),
+        )
+        runs.append((fetches, r.demand_misses, r.time_ms))
+    assert runs[0][1] > tr.num_tokens  # evictions happened
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+@needs_core
+@pytest.mark.parametrize("name", ["lru", "lfu"])
+def test_lru_and_lfu_cores_answer_every_hook_as_the_python_classes(name):
+    """choose_victim with a Python can_evict, replace, on_access and on_evict of keys never inserted."""
+    rng = np.random.default_rng(5)
+    python = {"lru": LruPolicy, "lfu": LfuPolicy}[name]()
+    native = make_policy(name, num_layers=L, num_experts=E)
+    resident: list[set] = [set(), set()]
+    for step in range(3000):
+        key = ExpertKey(int(rng.integers(L)), int(rng.integers(E)))
+        banned = {ExpertKey(int(rng.integers(L)), int(rng.integers(E))) for _ in range(3)}
+        answers = []
+        for p, res in zip((python, native), resident, strict=True):
+            op = step % 7
+            if op in (0, 1, 2):
+                p.on_access(key, key in res)
+                got = None
+            elif op == 3:
+                p.on_accesses([key, *banned], ())
+                got = None
+            elif op == 4 and len(res) < 24:
+                res.add(key)
+                p.on_insert(key)
+                got = None
+            elif op == 5:
+                got = p.choose_victim(lambda k, banned=banned: k not in banned)
+            else:
+                got = p.replace(key, lambda k, banned=banned: k not in banned) if key not in res else None
+                if got is not None:
+                    res.discard(got)
+                    res.add(key)
+            if step % 11 == 0 and res:
+                gone = sorted(res)[0]
+                res.discard(gone)
+                p.on_evict(gone)
+            answers.append(got)
+        assert answers[0] == answers[1], step
+        assert resident[0] == resident[1]
