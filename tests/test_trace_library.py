@@ -43,6 +43,27 @@ def test_stays_within_count_and_byte_bounds(max_entries, max_bytes):
     assert lib.tokens.sum() == 30 * 20
 
 
+def test_similarities_kept_up_to_date_equal_a_fresh_computation():
+    """The cached unit rows and entry-by-entry similarity matrix (updated one entry at a time as
+    requests are added, merged into an entry, or merge two entries) equal a recomputation."""
+    rng = np.random.default_rng(7)
+    lib = TraceLibrary(L, E, K, max_entries=6, merge_similarity=0.995)
+    merges = 0
+    for i in range(60):
+        before = len(lib)
+        lib.add(cluster_eam(int(rng.integers(E)), rng, tokens=int(rng.integers(3, 30))), save=False)
+        merges += len(lib) == before
+        if lib._unit is not None:
+            assert np.array_equal(lib._unit, normalised_rows(lib.eams))
+        if lib._gram is not None:
+            u = normalised_rows(lib.eams)
+            fresh = u @ u.T
+            np.fill_diagonal(fresh, -np.inf)
+            assert np.allclose(lib._gram, fresh, rtol=0, atol=1e-12)
+            assert np.array_equal(lib._gram, lib._gram.T)
+    assert lib._gram is not None and merges > 20  # the bound was enforced many times
+
+
 def test_near_duplicates_merge_and_rare_kinds_survive_a_burst():
     rng = np.random.default_rng(1)
     lib = TraceLibrary(L, E, K, max_entries=3, merge_similarity=0.999)

@@ -17,9 +17,9 @@ ENVIRONMENT: dict[str, str] = {
     "HF_HOME": "huggingface_hub's home (token file, cache); honoured as huggingface_hub does",
     "HF_TOKEN": "access token for gated or private repos",
     "HF_HUB_OFFLINE": "set to 1 to forbid network access in huggingface_hub",
-    "MOEINF_NATIVE": "set to 0 to turn the native CPU kernels off (use torch for every product)",
-    "MOEINF_NATIVE_DIR": "build cache of the native kernel library (default $XDG_CACHE_HOME/moeinf/native)",
-    "CC": "C compiler for the native kernels (default: cc, then gcc, then clang on PATH)",
+    "MOEINF_NATIVE": "set to 0 to turn the native CPU kernels and policy cores off (torch, Python policies)",
+    "MOEINF_NATIVE_DIR": "build cache of the native kernels and policy cores ($XDG_CACHE_HOME/moeinf/native)",
+    "CC": "C compiler for the native kernels and policy cores (default: cc, then gcc, then clang on PATH)",
     "MOEINF_API_KEY": "`moeinf serve` requires `Authorization: Bearer <key>` on every request (as --api-key)",
 }
 
@@ -40,7 +40,7 @@ def hf_endpoint() -> str:
 
 
 def native_enabled() -> bool:
-    """False when $MOEINF_NATIVE is 0/false/off/no: the native kernels are not even built."""
+    """False when $MOEINF_NATIVE is 0/false/off/no: the native kernels and policy cores are not even built."""
     return os.environ.get("MOEINF_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 

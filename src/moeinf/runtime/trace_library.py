@@ -72,6 +72,7 @@ class TraceLibrary:
         self.requests = np.zeros(0, dtype=np.int64)  # [N] requests merged into each entry
         self.updated = np.zeros(0, dtype=np.float64)  # [N] unix time of the last change
         self._unit: np.ndarray | None = None  # cached normalised_rows(self.eams)
+        self._gram: np.ndarray | None = None  # cached [N, N] similarities of entries, diagonal -inf
         self.routing = RoutingCounts(num_layers, num_experts)  # token-level counts (add_routing)
 
     # --- bounds ------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class TraceLibrary:
             if (routing.num_layers, routing.num_experts) != (self.num_layers, self.num_experts):
                 raise InvalidTrace(f"{path}: routing counts do not match the library's shape")
             self.routing = routing
-        self._unit = None
+        self._unit = self._gram = None
         self._enforce_bounds()
 
     def save(self, path: str | Path | None = None) -> Path | None:
@@ -184,7 +185,7 @@ class TraceLibrary:
         self.eams = self.eams[:0]
         self.tokens, self.requests, self.updated = self.tokens[:0], self.requests[:0], self.updated[:0]
         self.routing = RoutingCounts(self.num_layers, self.num_experts)
-        self._unit = None
+        self._unit = self._gram = None
         if self.path is not None and self.path.exists():
             self.path.unlink()
 
@@ -213,13 +214,13 @@ class TraceLibrary:
                 self.tokens[best] += tokens
                 self.requests[best] += 1
                 self.updated[best] = now
-                self._unit = None
+                self._changed(best)
         if index < 0:
             self.eams = np.concatenate([self.eams, eam[None]])
             self.tokens = np.append(self.tokens, tokens)
             self.requests = np.append(self.requests, 1)
             self.updated = np.append(self.updated, now)
-            self._unit = None
+            self._appended()
             index = len(self) - 1
             index = self._enforce_bounds(index)
         if save:
@@ -243,12 +244,51 @@ class TraceLibrary:
             self._unit = normalised_rows(self.eams)
         return self._unit
 
+    def _similarity_matrix(self) -> np.ndarray:
+        """[N, N] cosine similarities between entries, -inf on the diagonal (kept up to date one
+        entry at a time: a full product per request cost ~6 ms with 256 entries)."""
+        if self._gram is None:
+            u = self._units()
+            self._gram = u @ u.T
+            np.fill_diagonal(self._gram, -np.inf)
+        return self._gram
+
+    def _appended(self) -> None:
+        """The last entry is new: one unit row and one row and column of similarities more."""
+        if self._unit is None or len(self._unit) != len(self) - 1:
+            self._unit = self._gram = None
+            return
+        row = normalised_rows(self.eams[-1:])  # row by row as in the batch: the same values
+        self._unit = np.concatenate([self._unit, row])
+        if self._gram is not None:
+            col = self._unit @ row[0]
+            col[-1] = -np.inf
+            n = len(self)
+            gram = np.empty((n, n))
+            gram[:-1, :-1] = self._gram
+            gram[-1], gram[:, -1] = col, col
+            self._gram = gram
+
+    def _changed(self, i: int) -> None:
+        """Entry i's counts changed: its unit row, row and column of similarities."""
+        if self._unit is None:
+            return
+        self._unit[i] = normalised_rows(self.eams[i : i + 1])[0]
+        if self._gram is not None:
+            col = self._unit @ self._unit[i]
+            col[i] = -np.inf
+            self._gram[i], self._gram[:, i] = col, col
+
+    def _dropped(self, i: int) -> None:
+        if self._unit is not None:
+            self._unit = np.delete(self._unit, i, axis=0)
+        if self._gram is not None:
+            self._gram = np.delete(np.delete(self._gram, i, axis=0), i, axis=1)
+
     def _enforce_bounds(self, track: int = -1) -> int:
         """Merge the most similar pair until within bounds; returns where entry `track` ended up."""
         while len(self) > self.capacity:
-            u = self._units()
-            sims = u @ u.T
-            np.fill_diagonal(sims, -np.inf)
+            sims = self._similarity_matrix()
             i, j = np.unravel_index(int(np.argmax(sims)), sims.shape)
             keep, drop = (int(i), int(j)) if i < j else (int(j), int(i))
             self.eams[keep] += self.eams[drop]
@@ -258,7 +298,8 @@ class TraceLibrary:
             mask = np.arange(len(self)) != drop
             self.eams, self.tokens = self.eams[mask], self.tokens[mask]
             self.requests, self.updated = self.requests[mask], self.updated[mask]
-            self._unit = None
+            self._dropped(drop)
+            self._changed(keep if keep < drop else keep - 1)
             if track == drop:
                 track = keep
             elif track > drop:
