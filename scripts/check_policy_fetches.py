@@ -11,7 +11,9 @@ sequence, plus trace tokens per CPU second.
 
 The expected file was recorded before the simulator speed work (8e82509) for lru, lfu and oracle, and
 at 35ee579 for trace (whose predictions changed on purpose in 338ff39), then re-recorded for trace
-only when it gained the cross-token predictor (issue 8; lru, lfu and oracle unchanged).
+only when it gained the cross-token predictor (issue 8; lru, lfu and oracle unchanged) and when its
+defaults changed (bypass margin 0, prefetch threshold 0.8, re-match every 32 tokens; fourth session).
+The policies' C cores (runtime/policy_core.py) were checked identical against the earlier recording.
 """
 
 from __future__ import annotations

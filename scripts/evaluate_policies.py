@@ -14,6 +14,7 @@ spread. Usage (reproduces BENCHMARKS.md, "Policy simulator (issue 8)"):
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -54,6 +55,7 @@ def main() -> None:
         library_trace = trace.select(library_ids)
         assert not set(library_ids) & set(test_ids.tolist())
         routing = routing_statistics(library_trace)  # token-level statistics of the library's traces
+        library = TraceLibrary.from_trace(library_trace)  # copied for every run: the policy learns into it
         layer_calls = int((test.experts >= 0).any(axis=2).sum())
         for capacity in capacities:
             for name in policies:
@@ -72,7 +74,7 @@ def main() -> None:
                     else:
                         options = {}
                         if name == "trace":
-                            options["library"] = TraceLibrary.from_trace(library_trace)
+                            options["library"] = copy.deepcopy(library)
                             options["routing"] = routing
                         policy = make_sim_policy(name, test, **options)
                         result = simulate(

@@ -63,8 +63,9 @@ def policies(**options):
 def test_simulated_fetches_identical(capacity, per_layer):
     """Python policy in the Python loop, C core in the Python loop, C core in its own replay loop."""
     tr = sticky_trace(seed=1, requests=5)
-    py, native = policies()
-    _, native_in_python = policies()
+    eager = {"prefetch_threshold": 0.5, "bypass_margin": 1.0}  # prefetches on this small trace
+    py, native = policies(**eager)
+    _, native_in_python = policies(**eager)
     runs = []
     for policy, loop in ((py, False), (native_in_python, False), (native, True)):
         fetches = []

@@ -49,7 +49,7 @@ def test_similarities_kept_up_to_date_equal_a_fresh_computation():
     rng = np.random.default_rng(7)
     lib = TraceLibrary(L, E, K, max_entries=6, merge_similarity=0.995)
     merges = 0
-    for i in range(60):
+    for _ in range(60):
         before = len(lib)
         lib.add(cluster_eam(int(rng.integers(E)), rng, tokens=int(rng.integers(3, 30))), save=False)
         merges += len(lib) == before
