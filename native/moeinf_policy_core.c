@@ -740,6 +740,8 @@ typedef struct {
     int (*insert)(void *p, int32_t f);
     Py_ssize_t (*plan)(void *p, long layer, int32_t *out); /* NULL: no prefetch */
     int (*plan_max)(void *p);
+    /* choose_victim(can_evict) for a Python predicate (LruCore and LfuCore; TraceCore has its own) */
+    int (*find)(void *p, PyObject *can_evict, int32_t *v);
 } Ops;
 
 typedef struct { int32_t f; double at; uint8_t alive; } QEnt;
@@ -1000,7 +1002,7 @@ static int trace_insert(void *p, int32_t f) { return insert(p, f); }
 static Py_ssize_t trace_plan(void *p, long layer, int32_t *out) { return plan_f(p, layer, out); }
 static int trace_plan_max(void *p) { return ((Core *)p)->prefetch; }
 static const Ops TRACE_OPS = {trace_accesses, trace_bypass, trace_victim, trace_evict, trace_insert, trace_plan,
-                              trace_plan_max};
+                              trace_plan_max, NULL};
 
 static PyObject *Core_simulate(Core *s, PyObject *args) { return replay((PyObject *)s, &TRACE_OPS, s, args); }
 
@@ -1255,6 +1257,77 @@ static Py_ssize_t keys_of(void *obj, PyObject *keys, int32_t *small, int32_t **f
     return nk;
 }
 
+/* The Python-facing hooks of LruCore and LfuCore, through their Ops (`ops` after the Base fields). */
+typedef struct {
+    PyObject_HEAD
+    int ready;
+    int L, E, n;
+    PyObject *keytab;
+    const Ops *ops;
+} Simple;
+
+static PyObject *Simple_on_access(Simple *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_access(key, hit)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0 || s->ops->accesses(s, &f, 1) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Simple_on_accesses(Simple *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t small[16], *fs;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_accesses(keys, missed)"); return NULL; }
+    if (check_ready(s) < 0) return NULL;
+    Py_ssize_t nk = keys_of(s, args[0], small, &fs);
+    if (nk < 0) return NULL;
+    int rc = s->ops->accesses(s, fs, nk);
+    if (fs != small) free(fs);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Simple_on_insert(Simple *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0 || s->ops->insert(s, f) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Simple_on_evict(Simple *s, PyObject *key) {
+    int32_t f;
+    if (check_ready(s) < 0 || key_of(s, key, &f) < 0 || s->ops->evict(s, f) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Simple_choose_victim(Simple *s, PyObject *can_evict) {
+    int32_t v;
+    if (check_ready(s) < 0 || s->ops->find(s, can_evict, &v) < 0) return NULL;
+    if (v < 0) Py_RETURN_NONE;
+    return key_obj(s, v);
+}
+
+/* choose_victim + on_evict + on_insert in one call (the simulator's fast path). */
+static PyObject *Simple_replace(Simple *s, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t f, v;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "replace(key, can_evict)"); return NULL; }
+    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0 || s->ops->find(s, args[1], &v) < 0) return NULL;
+    if (v < 0) Py_RETURN_NONE;
+    if (s->ops->evict(s, v) < 0 || s->ops->insert(s, f) < 0) return NULL;
+    return key_obj(s, v);
+}
+
+static PyObject *Simple_simulate(Simple *s, PyObject *args) {
+    if (check_ready(s) < 0) return NULL;
+    return replay((PyObject *)s, s->ops, s, args);
+}
+
+#define SIMPLE_METHODS(what)                                                                              \
+    {"on_access", (PyCFunction)(void (*)(void))Simple_on_access, METH_FASTCALL, "One use of key."},        \
+    {"on_accesses", (PyCFunction)(void (*)(void))Simple_on_accesses, METH_FASTCALL, "A layer call's uses."}, \
+    {"on_insert", (PyCFunction)Simple_on_insert, METH_O, "key took a slot."},                               \
+    {"on_evict", (PyCFunction)Simple_on_evict, METH_O, "key left its slot."},                               \
+    {"choose_victim", (PyCFunction)Simple_choose_victim, METH_O, "The " what " evictable key."},           \
+    {"replace", (PyCFunction)(void (*)(void))Simple_replace, METH_FASTCALL, "choose_victim+on_evict+on_insert."}, \
+    {"_simulate", (PyCFunction)Simple_simulate, METH_VARARGS, "bench.simulator.simulate's loop, natively."}
+
 /* --- LruCore: runtime/policy.py's LruPolicy ------------------------------------------------------- */
 
 /* The recency order (oldest first) of the keys the policy was told are resident: a doubly linked
@@ -1264,6 +1337,7 @@ typedef struct {
     int ready;
     int L, E, n;
     PyObject *keytab;
+    const Ops *ops;
     int32_t *prev, *next;
     uint8_t *in;
     int32_t head, tail;
@@ -1308,12 +1382,13 @@ static int lru_find(Lru *s, PyObject *can_evict, const int32_t *run, Py_ssize_t 
 static int lru_victim(void *p, const int32_t *run, Py_ssize_t nrun, int only, int32_t *v) {
     return lru_find(p, NULL, run, nrun, only, v);
 }
+static int lru_find_py(void *p, PyObject *can_evict, int32_t *v) { return lru_find(p, can_evict, NULL, 0, -1, v); }
 static int lru_evict(void *p, int32_t f) {
     if (((Lru *)p)->in[f]) lru_unlink(p, f);
     return 0;
 }
 static int lru_insert(void *p, int32_t f) { lru_to_end(p, f); return 0; }
-static const Ops LRU_OPS = {lru_accesses, NULL, lru_victim, lru_evict, lru_insert, NULL, NULL};
+static const Ops LRU_OPS = {lru_accesses, NULL, lru_victim, lru_evict, lru_insert, NULL, NULL, lru_find_py};
 
 static PyObject *Lru_setup(Lru *s, PyObject *args) {
     if (setup_base((Base *)s, args) < 0) return NULL;
@@ -1323,62 +1398,10 @@ static PyObject *Lru_setup(Lru *s, PyObject *args) {
     s->in = calloc(s->n, 1);
     if (!s->prev || !s->next || !s->in) return PyErr_NoMemory();
     s->head = s->tail = -1;
+    s->ops = &LRU_OPS;
     s->ready = 1;
     Py_RETURN_NONE;
 }
-
-static PyObject *Lru_on_access(Lru *s, PyObject *const *args, Py_ssize_t nargs) {
-    int32_t f;
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_access(key, hit)"); return NULL; }
-    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
-    lru_accesses(s, &f, 1);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lru_on_accesses(Lru *s, PyObject *const *args, Py_ssize_t nargs) {
-    int32_t small[16], *fs;
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_accesses(keys, missed)"); return NULL; }
-    if (check_ready(s) < 0) return NULL;
-    Py_ssize_t nk = keys_of(s, args[0], small, &fs);
-    if (nk < 0) return NULL;
-    lru_accesses(s, fs, nk);
-    if (fs != small) free(fs);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lru_on_insert(Lru *s, PyObject *key) {
-    int32_t f;
-    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
-    lru_to_end(s, f);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lru_on_evict(Lru *s, PyObject *key) {
-    int32_t f;
-    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
-    lru_evict(s, f);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lru_choose_victim(Lru *s, PyObject *can_evict) {
-    int32_t v;
-    if (check_ready(s) < 0 || lru_find(s, can_evict, NULL, 0, -1, &v) < 0) return NULL;
-    if (v < 0) Py_RETURN_NONE;
-    return key_obj(s, v);
-}
-
-static PyObject *Lru_replace(Lru *s, PyObject *const *args, Py_ssize_t nargs) {
-    int32_t f, v;
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "replace(key, can_evict)"); return NULL; }
-    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
-    if (lru_find(s, args[1], NULL, 0, -1, &v) < 0) return NULL;
-    if (v < 0) Py_RETURN_NONE;
-    lru_unlink(s, v);
-    lru_to_end(s, f);
-    return key_obj(s, v);
-}
-
-static PyObject *Lru_simulate(Lru *s, PyObject *args) { return replay((PyObject *)s, &LRU_OPS, s, args); }
 
 static void Lru_dealloc(Lru *s) {
     free(s->prev); free(s->next); free(s->in);
@@ -1387,14 +1410,8 @@ static void Lru_dealloc(Lru *s) {
 }
 
 static PyMethodDef Lru_methods[] = {
-    {"on_access", (PyCFunction)(void (*)(void))Lru_on_access, METH_FASTCALL, "One use of key."},
-    {"on_accesses", (PyCFunction)(void (*)(void))Lru_on_accesses, METH_FASTCALL, "A layer call's uses."},
-    {"on_insert", (PyCFunction)Lru_on_insert, METH_O, "key took a slot."},
-    {"on_evict", (PyCFunction)Lru_on_evict, METH_O, "key left its slot."},
-    {"choose_victim", (PyCFunction)Lru_choose_victim, METH_O, "The least recently used evictable key."},
-    {"replace", (PyCFunction)(void (*)(void))Lru_replace, METH_FASTCALL, "choose_victim+on_evict+on_insert."},
+    SIMPLE_METHODS("least recently used"),
     {"_setup", (PyCFunction)Lru_setup, METH_VARARGS, "Shape and keys."},
-    {"_simulate", (PyCFunction)Lru_simulate, METH_VARARGS, "bench.simulator.simulate's loop, natively."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1420,6 +1437,7 @@ typedef struct {
     int ready;
     int L, E, n;
     PyObject *keytab;
+    const Ops *ops;
     int64_t *count, *last, tick;
     uint8_t *resident;
     Py_ssize_t n_resident;
@@ -1539,7 +1557,8 @@ static int lfu_find(Lfu *s, PyObject *can_evict, const int32_t *run, Py_ssize_t 
 static int lfu_victim(void *p, const int32_t *run, Py_ssize_t nrun, int only, int32_t *v) {
     return lfu_find(p, NULL, run, nrun, only, v);
 }
-static const Ops LFU_OPS = {lfu_accesses, NULL, lfu_victim, lfu_evict, lfu_insert, NULL, NULL};
+static int lfu_find_py(void *p, PyObject *can_evict, int32_t *v) { return lfu_find(p, can_evict, NULL, 0, -1, v); }
+static const Ops LFU_OPS = {lfu_accesses, NULL, lfu_victim, lfu_evict, lfu_insert, NULL, NULL, lfu_find_py};
 
 static PyObject *Lfu_setup(Lfu *s, PyObject *args) {
     if (setup_base((Base *)s, args) < 0) return NULL;
@@ -1550,61 +1569,10 @@ static PyObject *Lfu_setup(Lfu *s, PyObject *args) {
     if (!s->count || !s->last || !s->resident) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < s->n; i++) s->last[i] = NONE;
     s->tick = 0; s->n_resident = 0; s->heap_n = 0;
+    s->ops = &LFU_OPS;
     s->ready = 1;
     Py_RETURN_NONE;
 }
-
-static PyObject *Lfu_on_access(Lfu *s, PyObject *const *args, Py_ssize_t nargs) {
-    int32_t f;
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_access(key, hit)"); return NULL; }
-    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
-    lfu_accesses(s, &f, 1);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lfu_on_accesses(Lfu *s, PyObject *const *args, Py_ssize_t nargs) {
-    int32_t small[16], *fs;
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_accesses(keys, missed)"); return NULL; }
-    if (check_ready(s) < 0) return NULL;
-    Py_ssize_t nk = keys_of(s, args[0], small, &fs);
-    if (nk < 0) return NULL;
-    lfu_accesses(s, fs, nk);
-    if (fs != small) free(fs);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lfu_on_insert(Lfu *s, PyObject *key) {
-    int32_t f;
-    if (check_ready(s) < 0 || key_of(s, key, &f) < 0 || lfu_insert(s, f) < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lfu_on_evict(Lfu *s, PyObject *key) {
-    int32_t f;
-    if (check_ready(s) < 0 || key_of(s, key, &f) < 0) return NULL;
-    lfu_evict(s, f);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Lfu_choose_victim(Lfu *s, PyObject *can_evict) {
-    int32_t v;
-    if (check_ready(s) < 0 || lfu_find(s, can_evict, NULL, 0, -1, &v) < 0) return NULL;
-    if (v < 0) Py_RETURN_NONE;
-    return key_obj(s, v);
-}
-
-static PyObject *Lfu_replace(Lfu *s, PyObject *const *args, Py_ssize_t nargs) {
-    int32_t f, v;
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "replace(key, can_evict)"); return NULL; }
-    if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
-    if (lfu_find(s, args[1], NULL, 0, -1, &v) < 0) return NULL;
-    if (v < 0) Py_RETURN_NONE;
-    lfu_evict(s, v);
-    if (lfu_insert(s, f) < 0) return NULL;
-    return key_obj(s, v);
-}
-
-static PyObject *Lfu_simulate(Lfu *s, PyObject *args) { return replay((PyObject *)s, &LFU_OPS, s, args); }
 
 static void Lfu_dealloc(Lfu *s) {
     free(s->count); free(s->last); free(s->resident); free(s->heap);
@@ -1613,14 +1581,8 @@ static void Lfu_dealloc(Lfu *s) {
 }
 
 static PyMethodDef Lfu_methods[] = {
-    {"on_access", (PyCFunction)(void (*)(void))Lfu_on_access, METH_FASTCALL, "One use of key."},
-    {"on_accesses", (PyCFunction)(void (*)(void))Lfu_on_accesses, METH_FASTCALL, "A layer call's uses."},
-    {"on_insert", (PyCFunction)Lfu_on_insert, METH_O, "key took a slot."},
-    {"on_evict", (PyCFunction)Lfu_on_evict, METH_O, "key left its slot."},
-    {"choose_victim", (PyCFunction)Lfu_choose_victim, METH_O, "The least frequently used evictable key."},
-    {"replace", (PyCFunction)(void (*)(void))Lfu_replace, METH_FASTCALL, "choose_victim+on_evict+on_insert."},
+    SIMPLE_METHODS("least frequently used"),
     {"_setup", (PyCFunction)Lfu_setup, METH_VARARGS, "Shape and keys."},
-    {"_simulate", (PyCFunction)Lfu_simulate, METH_VARARGS, "bench.simulator.simulate's loop, natively."},
     {NULL, NULL, 0, NULL},
 };
 

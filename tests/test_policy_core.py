@@ -57,17 +57,10 @@ def policies(**options):
     return made
 
 
-@needs_core
-@pytest.mark.parametrize("per_layer", [False, True])
-@pytest.mark.parametrize("capacity", [0.125, 0.25, 0.5])
-def test_simulated_fetches_identical(capacity, per_layer):
-    """Python policy in the Python loop, C core in the Python loop, C core in its own replay loop."""
-    tr = sticky_trace(seed=1, requests=5)
-    eager = {"prefetch_threshold": 0.5, "bypass_margin": 1.0}  # prefetches on this small trace
-    py, native = policies(**eager)
-    _, native_in_python = policies(**eager)
-    runs = []
-    for policy, loop in ((py, False), (native_in_python, False), (native, True)):
+def replays(tr, runs, capacity, per_layer):
+    """(fetch sequence, SimResult) of each (policy, native loop?) in `runs`, replaying `tr`."""
+    out = []
+    for policy, loop in runs:
         fetches = []
         r = simulate(
             tr,
@@ -77,7 +70,20 @@ def test_simulated_fetches_identical(capacity, per_layer):
             native=loop,
             on_fetch=lambda k, p, fetches=fetches: fetches.append((k, p)),
         )
-        runs.append((fetches, r))
+        out.append((fetches, r))
+    return out
+
+
+@needs_core
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("capacity", [0.125, 0.25, 0.5])
+def test_simulated_fetches_identical(capacity, per_layer):
+    """Python policy in the Python loop, C core in the Python loop, C core in its own replay loop."""
+    tr = sticky_trace(seed=1, requests=5)
+    eager = {"prefetch_threshold": 0.5, "bypass_margin": 1.0}  # prefetches on this small trace
+    py, native = policies(**eager)
+    _, native_in_python = policies(**eager)
+    runs = replays(tr, ((py, False), (native_in_python, False), (native, True)), capacity, per_layer)
     assert policy_core.replays_natively(native)
     (a, ra) = runs[0]
     assert len(a) > tr.num_tokens  # a busy cache
@@ -207,18 +213,12 @@ def test_lru_and_lfu_cores_fetch_as_the_python_classes(name, capacity, per_layer
     native = make_policy(name, **shape)
     assert type(native).__name__ == f"Native{name.capitalize()}Policy" and native.name == name
     assert policy_core.replays_natively(native)
-    runs = []
-    for policy, loop in ((python, False), (make_policy(name, **shape), False), (native, True)):
-        fetches = []
-        r = simulate(
-            tr,
-            policy,
-            capacity=capacity,
-            per_layer=per_layer,
-            native=loop,
-            on_fetch=lambda k, p, fetches=fetches: fetches.append((k, p)),
+    runs = [
+        (fetches, r.demand_misses, r.time_ms)
+        for fetches, r in replays(
+            tr, ((python, False), (make_policy(name, **shape), False), (native, True)), capacity, per_layer
         )
-        runs.append((fetches, r.demand_misses, r.time_ms))
+    ]
     assert runs[0][1] > tr.num_tokens  # evictions happened
     assert runs[1] == runs[0] and runs[2] == runs[0]
 

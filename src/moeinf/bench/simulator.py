@@ -292,7 +292,21 @@ def simulate(
             now = ready + C
         policy.on_request_end()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    wasted += len(prefetched)
+    counts = {
+        "accesses": accesses,
+        "demand_misses": misses,
+        "prefetches_issued": issued,
+        "prefetches_used": used,
+        "prefetches_wasted": wasted + len(prefetched),
+        "bypasses": bypasses,
+        "time_ms": now,
+    }
+    return _result(trace, policy, capacity, slots, per_layer, C, X, wall, cpu, counts)
+
+
+def _result(trace, policy, capacity, slots, per_layer, C, X, wall, cpu, counts: dict) -> SimResult:
+    """A SimResult from a replay's counters (accesses, demand_misses, prefetches_issued / _used /
+    _wasted, bypasses, time_ms): the Python loop's or a policy core's."""
     return SimResult(
         policy=policy.name,
         capacity=capacity,
@@ -300,17 +314,11 @@ def simulate(
         per_layer=per_layer,
         tokens=trace.num_tokens,
         requests=trace.num_requests,
-        accesses=accesses,
-        demand_misses=misses,
-        prefetches_issued=issued,
-        prefetches_used=used,
-        prefetches_wasted=wasted,
-        bypasses=bypasses,
-        time_ms=now,
-        compute_ms_per_layer=C,
-        transfer_ms_per_expert=X,
+        compute_ms_per_layer=float(C),
+        transfer_ms_per_expert=float(X),
         wall_s=wall,
         cpu_s=cpu,
+        **counts,
     )
 
 
@@ -321,30 +329,13 @@ def _simulate_natively(trace, policy, capacity, slots, per_layer, C, X, on_fetch
         experts, trace.seq_offsets.tolist(), slots, per_layer, float(C), float(X), on_fetch is not None
     )
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    log = out.pop("log")
     if on_fetch is not None:
         E = trace.num_experts
-        for code in out["log"]:
+        for code in log:
             f = code >> 1
             on_fetch(ExpertKey(f // E, f % E), bool(code & 1))
-    return SimResult(
-        policy=policy.name,
-        capacity=capacity,
-        slots=slots,
-        per_layer=per_layer,
-        tokens=trace.num_tokens,
-        requests=trace.num_requests,
-        accesses=out["accesses"],
-        demand_misses=out["demand_misses"],
-        prefetches_issued=out["prefetches_issued"],
-        prefetches_used=out["prefetches_used"],
-        prefetches_wasted=out["prefetches_wasted"],
-        bypasses=out["bypasses"],
-        time_ms=out["time_ms"],
-        compute_ms_per_layer=float(C),
-        transfer_ms_per_expert=float(X),
-        wall_s=wall,
-        cpu_s=cpu,
-    )
+    return _result(trace, policy, capacity, slots, per_layer, C, X, wall, cpu, out)
 
 
 def simulate_grid(
