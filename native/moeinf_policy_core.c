@@ -497,7 +497,7 @@ static int check_ready(void *obj) {
 
 /* --- the hooks ------------------------------------------------------------------------------------ */
 
-static int access_one(Core *s, int32_t f, int64_t lag_floor, int streak) {
+static int access_one(Core *s, int32_t f, int64_t lag_floor) {
     int64_t t = s->t;
     int64_t seen = s->last[f];
     s->last[f] = t;
@@ -509,7 +509,6 @@ static int access_one(Core *s, int32_t f, int64_t lag_floor, int streak) {
         s->ew[f] = s->ew[f] * s->pow[r < s->max_r ? r : s->max_r] + 1.0;
     }
     if (s->resident[f] && (seen == NONE || seen != t - 1 || s->stored[f] < (double)lag_floor)) return push_key(s, f);
-    (void)streak;
     return 0;
 }
 
@@ -519,7 +518,7 @@ static PyObject *Core_on_access(Core *s, PyObject *const *args, Py_ssize_t nargs
     if (check_ready(s) < 0 || key_of(s, args[0], &f) < 0) return NULL;
     if (!s->in_layer && start_layer(s, (PyObject *)s, f / s->E) < 0) return NULL;
     if (ivec_push(&s->running, f) < 0) return NULL;
-    if (access_one(s, f, (s->t - s->streak_lag) * s->L, 0) < 0) return NULL;
+    if (access_one(s, f, (s->t - s->streak_lag) * s->L) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -531,7 +530,7 @@ static int accesses(Core *s, const int32_t *fs, Py_ssize_t nk) {
         if (ivec_push(&s->running, fs[i]) < 0) return -1;
     int64_t lag_floor = (s->t - s->streak_lag) * s->L;
     for (Py_ssize_t i = 0; i < nk; i++)
-        if (access_one(s, fs[i], lag_floor, 0) < 0) return -1;
+        if (access_one(s, fs[i], lag_floor) < 0) return -1;
     return 0;
 }
 
@@ -1160,13 +1159,6 @@ static PyObject *Core_counts(Core *s, PyObject *Py_UNUSED(unused)) {
     return out;
 }
 
-/* Introspection for tests: {"t", "ntok", "layer", "resident"} */
-static PyObject *Core_state(Core *s, PyObject *Py_UNUSED(unused)) {
-    if (check_ready(s) < 0) return NULL;
-    return Py_BuildValue("{sLsLsisn}", "t", (long long)s->t, "ntok", (long long)s->ntok, "layer", s->c,
-                         "resident", s->n_resident);
-}
-
 static void Core_dealloc(Core *s) {
     free_state(s);
     Py_TYPE(s)->tp_free((PyObject *)s);
@@ -1188,7 +1180,6 @@ static PyMethodDef Core_methods[] = {
     {"_load_prior", (PyCFunction)Core_load_prior, METH_O, "Prior rates (or None), then a rebuild."},
     {"_start_request", (PyCFunction)Core_start_request, METH_NOARGS, "Clear the request's counts."},
     {"_counts", (PyCFunction)Core_counts, METH_NOARGS, "This request's use counts."},
-    {"_state", (PyCFunction)Core_state, METH_NOARGS, "Counters, for tests."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,6 +11,8 @@ planned key not resident takes a slot the same way. The pool is shared by all la
 The cache persists across requests. Residency does not depend on timing (as in a replay whose
 transfers land before the next decision); a time model is laid over it: one transfer channel, demand
 before queued prefetches, a layer computes once its experts have landed. numpy, no torch.
+A policy on a C core (runtime/policy_core.py: lru, lfu, trace) runs this same loop inside its core,
+step for step (tests/test_policy_core.py compares the two, fetch for fetch).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ prefetches never push out more useful experts and leave the transfer channel to 
 Speed: an expert's ET changes only when it is used or when its layer runs without it; it is
 recomputed at each use and then at the visits of its layer r = 1, 2, 3, 4, 6, 8, 12, ... tokens
 after its last use (the hazard flattens, so later changes are small), and kept in a max-heap with
-lazy deletion. O(log n) per event; pure Python, no torch; the simulator runs this very object.
+lazy deletion. O(log n) per event; pure Python, no torch: the reference implementation. The runtime and
+the simulator run the same decisions in C when the policy core builds (runtime/trace_policy_native.py).
 """
 
 from __future__ import annotations
