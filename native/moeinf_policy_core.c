@@ -97,7 +97,7 @@ typedef struct {
     double **follow; /* [L * L]: (l, m) -> [E * E] or NULL */
     int has_follow;
     double *reuse;   /* [n] or NULL */
-    double **cross;  /* [ncross]: [(n + 1) * E] */
+    double **cross;  /* [ncross]: [((xd + 1) * E + 1) * E], row k * E + e for e at layer c - k */
     int ncross, xd;
     IVec xflat;
     Py_ssize_t *xpos; /* [L], -1: the layer did not run in this token */
@@ -239,25 +239,25 @@ static int predict_next(Core *s, const int32_t *keys, Py_ssize_t nk) {
     if (c >= s->ncross) return 0;
     const double *table = s->cross[c];
     Py_ssize_t start = s->xpos[c] = s->xflat.n;
+    /* entries a * E - e for expert e at layer a: its row in layer c's table is c * E - that */
     for (Py_ssize_t i = 0; i < nk; i++)
-        if (ivec_push(&s->xflat, (int32_t)c * s->E + keys[i] % s->E) < 0) return -1;
+        if (ivec_push(&s->xflat, (int32_t)c * s->E - keys[i] % s->E) < 0) return -1;
     for (int a = c - s->xd; a < c; a++) {
         if (a >= 0 && s->xpos[a] >= 0) { start = s->xpos[a]; break; }
     }
     double *out = s->xnow + (Py_ssize_t)c * s->E;
+    Py_ssize_t cE = (Py_ssize_t)c * s->E, E = s->E;
+    const double *intercept = table + (Py_ssize_t)(s->xd + 1) * E * E;
     /* numpy's add.reduce over axis 0: the first row, then each next row added in order */
-    const double *row = table + (Py_ssize_t)s->xflat.v[start] * s->E;
     Py_ssize_t stop = s->xflat.n;
-    if (start == stop) row = table + (Py_ssize_t)s->n * s->E; /* only the intercept */
-    memcpy(out, row, s->E * sizeof *out);
+    const double *row = start == stop ? intercept : table + (cE - s->xflat.v[start]) * E;
+    memcpy(out, row, E * sizeof *out);
     for (Py_ssize_t i = start + 1; i < stop; i++) {
-        row = table + (Py_ssize_t)s->xflat.v[i] * s->E;
-        for (int j = 0; j < s->E; j++) out[j] += row[j];
+        row = table + (cE - s->xflat.v[i]) * E;
+        for (Py_ssize_t j = 0; j < E; j++) out[j] += row[j];
     }
-    if (start < stop) {
-        row = table + (Py_ssize_t)s->n * s->E;
-        for (int j = 0; j < s->E; j++) out[j] += row[j];
-    }
+    if (start < stop)
+        for (Py_ssize_t j = 0; j < E; j++) out[j] += intercept[j];
     s->has_xnow[c] = 1;
     return 1;
 }
@@ -1008,6 +1008,22 @@ static PyObject *Core_simulate(Core *s, PyObject *args) { return replay((PyObjec
 /* --- set-up and state for the Python side --------------------------------------------------------- */
 
 static double *doubles_of(PyObject *obj, Py_ssize_t want, const char *what) {
+    if (PyObject_CheckBuffer(obj)) { /* a float64 array: one copy, no Python floats in between */
+        Py_buffer b;
+        if (PyObject_GetBuffer(obj, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+            double *out = NULL;
+            if (b.itemsize == 8 && b.format && strcmp(b.format, "d") == 0 && b.len == want * 8) {
+                out = malloc((want ? want : 1) * sizeof *out);
+                if (out) memcpy(out, b.buf, want * sizeof *out);
+                else PyErr_NoMemory();
+            } else {
+                PyErr_Format(PyExc_ValueError, "%s: expected %zd float64 values", what, want);
+            }
+            PyBuffer_Release(&b);
+            return out;
+        }
+        PyErr_Clear(); /* not contiguous float64: go through the sequence protocol */
+    }
     PyObject *seq = PySequence_Fast(obj, what);
     if (!seq) return NULL;
     if (PySequence_Fast_GET_SIZE(seq) != want) {
@@ -1122,7 +1138,7 @@ static PyObject *Core_setup(Core *s, PyObject *args) {
         for (Py_ssize_t i = 0; i < nx; i++) {
             PyObject *tab = PySequence_GetItem(cross, i);
             if (!tab) return NULL;
-            s->cross[i] = doubles_of(tab, (n + 1) * E, "cross table");
+            s->cross[i] = doubles_of(tab, ((Py_ssize_t)(xd + 1) * E + 1) * E, "cross table");
             Py_DECREF(tab);
             if (!s->cross[i]) return NULL;
         }

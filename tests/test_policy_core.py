@@ -48,8 +48,9 @@ def sticky_trace(seed: int, requests: int, T: int = 40):
 
 def policies(**options):
     """A Python and a native trace policy with the same options and independent libraries."""
-    library_trace = sticky_trace(seed=100, requests=6)
+    library_trace = sticky_trace(seed=100, requests=30)  # > 1000 tokens: the cross-token predictor too
     routing = routing_statistics(library_trace)
+    assert routing.cross is not None and routing.follow is not None  # every predictor is exercised
     made = []
     for cls in (TracePolicy, Native):
         lib = TraceLibrary.from_trace(library_trace, match_top=3)

@@ -51,23 +51,6 @@ def check_points() -> list[int]:
 NEXT_CHECK = check_points()
 
 
-def absolute_rows(cross: list[np.ndarray]) -> list[np.ndarray]:
-    """`RoutingStats.cross` tables ([(X + 1) * E + 1, E], row k * E + e for e at layer l - k) re-laid
-    as [L * E + 1, E], row a * E + e for e at layer a (zero outside the window): a token's routing
-    then indexes every layer's table alike."""
-    L = len(cross)
-    F, E = cross[0].shape
-    X = (F - 1) // E - 1
-    out = []
-    for m, table in enumerate(cross):
-        full = np.zeros((L * E + 1, E))
-        for k in range(min(X, m) + 1):
-            full[(m - k) * E : (m - k + 1) * E] = table[k * E : (k + 1) * E]
-        full[-1] = table[-1]
-        out.append(full)
-    return out
-
-
 class NextUseEstimates:
     """The ET half of `TracePolicy` (a mixin): reads the state the policy keeps (`_t`, `_c`, `_n`,
     `_last`, `_ew`, `_prior`, `_reuse`, `_xnow`, `_ahead`, `_running`, `_cross`, `_follow`...) and
@@ -79,16 +62,17 @@ class NextUseEstimates:
         c = self._c
         if c >= len(self._cross):
             return False
-        table = self._cross[c]
+        table = self._cross[c]  # [(X + 1) * E + 1, E]: row k * E + e for e at layer c - k, intercept last
         flat, pos = self._xflat, self._xpos
         start = pos[c] = len(flat)
         E = table.shape[1]
-        flat += [c * E + k[1] for k in keys]
+        flat += [c * E - k[1] for k in keys]  # a * E - e for e at layer a: its row is c * E - that
         for a in range(c - self._xd, c):  # the earliest layer of the window that ran in this token
             if a in pos:
                 start = pos[a]
                 break
-        rows = flat[start:]
+        cE = c * E
+        rows = [cE - w for w in flat[start:]]
         rows.append(len(table) - 1)  # the intercept
         self._xnow[c] = np.add.reduce(table.take(rows, 0)).tolist()  # numpy: 2x faster than zip here
         return True

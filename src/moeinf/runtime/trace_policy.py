@@ -29,7 +29,7 @@ from collections.abc import Callable, Container, Sequence
 import numpy as np
 
 from moeinf.runtime.expert_key import ExpertKey
-from moeinf.runtime.next_use import HAZARD_A, MAX_R, NEXT_CHECK, NextUseEstimates, absolute_rows
+from moeinf.runtime.next_use import HAZARD_A, MAX_R, NEXT_CHECK, NextUseEstimates
 from moeinf.runtime.policy import PolicyBase
 from moeinf.runtime.routing_counts import RoutingStats
 from moeinf.runtime.trace_library import TraceLibrary
@@ -114,16 +114,17 @@ class TracePolicy(NextUseEstimates, PolicyBase):
         self._follow: dict | None = None  # (l, m) -> [E][E] P(f at m | e at l)
         self._checked: dict[ExpertKey, tuple[int, int]] = {}  # lazy follow: (token, layer) of the check
         self._follow_due: dict[int, list[ExpertKey]] = {}  # layer -> keys whose ET a follow check lowered
-        # Cross-token predictor (`RoutingStats.cross`), its tables re-laid by the feature's absolute
-        # (layer, expert): row a * E + e, intercept last (`_absolute_rows`).
+        # Cross-token predictor (`RoutingStats.cross`): per layer c a [(X + 1) * E + 1, E] table, row
+        # k * E + e for expert e at layer c - k, intercept last (kept this compact: a table over all
+        # L * E features would take L * (L * E + 1) * E floats, 1.8 GB for DeepSeek-V3's shape).
         self._cross: list[np.ndarray] | None = None
         self._xd = 0  # layers back the predictor reads
-        self._xflat: list[int] = []  # this token's routing so far, as rows a * E + e
+        self._xflat: list[int] = []  # this token's routing so far, as a * E - e for expert e at layer a
         self._xpos: dict[int, int] = {}  # layer run in this token -> its first position in _xflat
         self._xnow: dict[int, list[float]] = {}  # layer passed in this token -> P(e at it, next token)
         if routing is not None:
             if cross and routing.cross is not None:
-                self._cross = absolute_rows(routing.cross)
+                self._cross = [np.asarray(t, dtype=np.float64) for t in routing.cross]
                 E = routing.cross[0].shape[1]
                 self._xd = (routing.cross[0].shape[0] - 1) // E - 1
             if own_reuse:

@@ -42,7 +42,7 @@ class _NativeHooks:
         reuse = None if ref._reuse is None else [r for row in ref._reuse for r in row]
         follow = None
         if ref._follow is not None:
-            follow = {lm: np.asarray(t, dtype=np.float64).ravel().tolist() for lm, t in ref._follow.items()}
+            follow = {lm: np.ascontiguousarray(t, dtype=np.float64).ravel() for lm, t in ref._follow.items()}
         cross = (
             None if ref._cross is None else [np.ascontiguousarray(t, np.float64).ravel() for t in ref._cross]
         )
