@@ -105,53 +105,74 @@ typedef struct {
     uint8_t *has_xnow;
 } Core;
 
-/* --- the heap: a binary min-heap on (neg, f) ------------------------------------------------------ */
+/* A policy core's type object: subclassable (the Python halves add the library and the shape). */
+#define POLICY_TYPE(name, type, dealloc, methods, doc)                                   \
+    {                                                                                    \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                   \
+        .tp_name = "moeinf_policy_core." name,                                           \
+        .tp_basicsize = sizeof(type),                                                    \
+        .tp_dealloc = (destructor)dealloc,                                               \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,                            \
+        .tp_doc = doc,                                                                   \
+        .tp_methods = methods,                                                           \
+        .tp_new = PyType_GenericNew,                                                     \
+    }
+
+/* --- heaps: binary min-heaps of entries of type T ordered by LT (TraceCore's (-ET, key), LfuCore's
+   (count, last use, key)); PREFIX_down sifts h[i] down, PREFIX_push grows the array as needed. */
+
+#define DEFINE_HEAP(PREFIX, T, LT)                                                                   \
+    static void PREFIX##_down(T *h, Py_ssize_t n, Py_ssize_t i) {                                   \
+        T x = h[i];                                                                                  \
+        for (;;) {                                                                                   \
+            Py_ssize_t c = 2 * i + 1;                                                                \
+            if (c >= n) break;                                                                       \
+            if (c + 1 < n && LT(h[c + 1], h[c])) c++;                                                \
+            if (!LT(h[c], x)) break;                                                                 \
+            h[i] = h[c];                                                                             \
+            i = c;                                                                                   \
+        }                                                                                            \
+        h[i] = x;                                                                                    \
+    }                                                                                                \
+    static int PREFIX##_push(T **heap, Py_ssize_t *n, Py_ssize_t *cap, T x) {                       \
+        if (*n == *cap) {                                                                            \
+            Py_ssize_t grown = *cap ? 2 * *cap : 256;                                                \
+            T *h = realloc(*heap, grown * sizeof *h);                                                \
+            if (!h) { PyErr_NoMemory(); return -1; }                                                 \
+            *heap = h; *cap = grown;                                                                 \
+        }                                                                                            \
+        T *h = *heap;                                                                                \
+        Py_ssize_t i = (*n)++;                                                                       \
+        while (i > 0) {                                                                              \
+            Py_ssize_t p = (i - 1) / 2;                                                              \
+            if (!LT(x, h[p])) break;                                                                 \
+            h[i] = h[p];                                                                             \
+            i = p;                                                                                   \
+        }                                                                                            \
+        h[i] = x;                                                                                    \
+        return 0;                                                                                    \
+    }                                                                                                \
+    static T PREFIX##_pop(T *h, Py_ssize_t *n) {                                                     \
+        T top = h[0];                                                                                \
+        h[0] = h[--*n];                                                                              \
+        if (*n) PREFIX##_down(h, *n, 0);                                                             \
+        return top;                                                                                  \
+    }
 
 static inline int ent_lt(Ent a, Ent b) { return a.neg < b.neg || (a.neg == b.neg && a.f < b.f); }
-
-static void sift_down(Ent *h, Py_ssize_t n, Py_ssize_t i) {
-    Ent x = h[i];
-    for (;;) {
-        Py_ssize_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && ent_lt(h[c + 1], h[c])) c++;
-        if (!ent_lt(h[c], x)) break;
-        h[i] = h[c];
-        i = c;
-    }
-    h[i] = x;
-}
+DEFINE_HEAP(eheap, Ent, ent_lt)
 
 static int heap_push(Core *s, double neg, int32_t f) {
-    if (s->heap_n == s->heap_cap) {
-        Py_ssize_t cap = s->heap_cap ? 2 * s->heap_cap : 256;
-        Ent *h = realloc(s->heap, cap * sizeof *h);
-        if (!h) { PyErr_NoMemory(); return -1; }
-        s->heap = h; s->heap_cap = cap;
-    }
     Ent x = {neg, f};
-    Py_ssize_t i = s->heap_n++;
-    while (i > 0) {
-        Py_ssize_t p = (i - 1) / 2;
-        if (!ent_lt(x, s->heap[p])) break;
-        s->heap[i] = s->heap[p];
-        i = p;
-    }
-    s->heap[i] = x;
-    return 0;
+    return eheap_push(&s->heap, &s->heap_n, &s->heap_cap, x);
 }
 
-static Ent heap_pop(Core *s) {
-    Ent top = s->heap[0];
-    s->heap[0] = s->heap[--s->heap_n];
-    if (s->heap_n) sift_down(s->heap, s->heap_n, 0);
-    return top;
-}
+static Ent heap_pop(Core *s) { return eheap_pop(s->heap, &s->heap_n); }
 
 static void heap_replace(Core *s, double neg, int32_t f) {
     s->heap[0].neg = neg;
     s->heap[0].f = f;
-    sift_down(s->heap, s->heap_n, 0);
+    eheap_down(s->heap, s->heap_n, 0);
 }
 
 /* --- expected time of next use (next_use.py) ------------------------------------------------------ */
@@ -456,7 +477,7 @@ static int top_in(Core *s, PyObject *can_evict, int only_layer, int32_t *found, 
             if (s->resident[e.f] && s->has_stored[e.f] && s->stored[e.f] == -e.neg) s->heap[k++] = e;
         }
         s->heap_n = k;
-        for (Py_ssize_t i = k / 2 - 1; i >= 0; i--) sift_down(s->heap, k, i);
+        for (Py_ssize_t i = k / 2 - 1; i >= 0; i--) eheap_down(s->heap, k, i);
     }
     return rc;
 }
@@ -1199,16 +1220,8 @@ static PyMethodDef Core_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject CoreType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "moeinf_policy_core.TraceCore",
-    .tp_basicsize = sizeof(Core),
-    .tp_dealloc = (destructor)Core_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "The trace policy's state and decisions (see runtime/trace_policy_native.py).",
-    .tp_methods = Core_methods,
-    .tp_new = PyType_GenericNew,
-};
+static PyTypeObject CoreType = POLICY_TYPE("TraceCore", Core, Core_dealloc, Core_methods,
+                                           "The trace policy's state and decisions (runtime/trace_policy_native.py).");
 
 /* --- shared by LruCore and LfuCore ---------------------------------------------------------------- */
 
@@ -1422,16 +1435,8 @@ static PyMethodDef Lru_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject LruType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "moeinf_policy_core.LruCore",
-    .tp_basicsize = sizeof(Lru),
-    .tp_dealloc = (destructor)Lru_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "LruPolicy's state and decisions (see runtime/policy_core.py).",
-    .tp_methods = Lru_methods,
-    .tp_new = PyType_GenericNew,
-};
+static PyTypeObject LruType = POLICY_TYPE("LruCore", Lru, Lru_dealloc, Lru_methods,
+                                          "LruPolicy's state and decisions (runtime/policy_core.py).");
 
 /* --- LfuCore: runtime/policy.py's LfuPolicy ------------------------------------------------------- */
 
@@ -1456,43 +1461,11 @@ static inline int lent_lt(LEnt a, LEnt b) {
     return a.c < b.c || (a.c == b.c && (a.t < b.t || (a.t == b.t && a.f < b.f)));
 }
 
-static void lfu_down(LEnt *h, Py_ssize_t n, Py_ssize_t i) {
-    LEnt x = h[i];
-    for (;;) {
-        Py_ssize_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && lent_lt(h[c + 1], h[c])) c++;
-        if (!lent_lt(h[c], x)) break;
-        h[i] = h[c];
-        i = c;
-    }
-    h[i] = x;
-}
+DEFINE_HEAP(lheap, LEnt, lent_lt)
 
-static int lfu_push(Lfu *s, LEnt x) {
-    if (s->heap_n == s->heap_cap) {
-        Py_ssize_t cap = s->heap_cap ? 2 * s->heap_cap : 256;
-        LEnt *h = realloc(s->heap, cap * sizeof *h);
-        if (!h) { PyErr_NoMemory(); return -1; }
-        s->heap = h; s->heap_cap = cap;
-    }
-    Py_ssize_t i = s->heap_n++;
-    while (i > 0) {
-        Py_ssize_t p = (i - 1) / 2;
-        if (!lent_lt(x, s->heap[p])) break;
-        s->heap[i] = s->heap[p];
-        i = p;
-    }
-    s->heap[i] = x;
-    return 0;
-}
+static int lfu_push(Lfu *s, LEnt x) { return lheap_push(&s->heap, &s->heap_n, &s->heap_cap, x); }
 
-static LEnt lfu_pop(Lfu *s) {
-    LEnt top = s->heap[0];
-    s->heap[0] = s->heap[--s->heap_n];
-    if (s->heap_n) lfu_down(s->heap, s->heap_n, 0);
-    return top;
-}
+static LEnt lfu_pop(Lfu *s) { return lheap_pop(s->heap, &s->heap_n); }
 
 static int lfu_accesses(void *p, const int32_t *fs, Py_ssize_t n) {
     Lfu *s = p;
@@ -1516,7 +1489,7 @@ static int lfu_insert(void *p, int32_t f) {
                 LEnt y = {s->count[g], s->last[g], g};
                 s->heap[s->heap_n++] = y;
             }
-        for (Py_ssize_t i = s->heap_n / 2 - 1; i >= 0; i--) lfu_down(s->heap, s->heap_n, i);
+        for (Py_ssize_t i = s->heap_n / 2 - 1; i >= 0; i--) lheap_down(s->heap, s->heap_n, i);
     }
     return 0;
 }
@@ -1540,7 +1513,7 @@ static int lfu_find(Lfu *s, PyObject *can_evict, const int32_t *run, Py_ssize_t 
         if (s->count[e.f] != e.c || s->last[e.f] != e.t) { /* used since: re-file with current values */
             s->heap[0].c = s->count[e.f];
             s->heap[0].t = s->last[e.f];
-            lfu_down(s->heap, s->heap_n, 0);
+            lheap_down(s->heap, s->heap_n, 0);
             continue;
         }
         int ok = evictable((Base *)s, can_evict, run, nrun, only, e.f);
@@ -1593,16 +1566,8 @@ static PyMethodDef Lfu_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject LfuType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "moeinf_policy_core.LfuCore",
-    .tp_basicsize = sizeof(Lfu),
-    .tp_dealloc = (destructor)Lfu_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "LfuPolicy's state and decisions (see runtime/policy_core.py).",
-    .tp_methods = Lfu_methods,
-    .tp_new = PyType_GenericNew,
-};
+static PyTypeObject LfuType = POLICY_TYPE("LfuCore", Lfu, Lfu_dealloc, Lfu_methods,
+                                          "LfuPolicy's state and decisions (runtime/policy_core.py).");
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, .m_name = "moeinf_policy_core", .m_doc = NULL, .m_size = -1, .m_methods = NULL,

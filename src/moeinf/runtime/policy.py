@@ -335,8 +335,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "oracle": _oracle_policy,
 }
 LEARNING_POLICIES = frozenset({"trace"})
-
-
+SHAPED_POLICIES = frozenset({"lru", "lfu"})  # take the model's shape (their C cores need it)
 SHAPE_OPTIONS = ("num_layers", "num_experts", "top_k")
 
 
@@ -351,6 +350,6 @@ def make_policy(name: str, **options: Any) -> Policy:
         raise BadOption(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}") from None
     if name in LEARNING_POLICIES:
         return factory(**options)
-    if name in ("lru", "lfu"):
+    if name in SHAPED_POLICIES:
         return factory(**{k: v for k, v in options.items() if k in SHAPE_OPTIONS})
     return factory()

@@ -17,8 +17,8 @@ prefetches never push out more useful experts and leave the transfer channel to 
 Speed: an expert's ET changes only when it is used or when its layer runs without it; it is
 recomputed at each use and then at the visits of its layer r = 1, 2, 3, 4, 6, 8, 12, ... tokens
 after its last use (the hazard flattens, so later changes are small), and kept in a max-heap with
-lazy deletion. O(log n) per event; pure Python, no torch: the reference implementation. The runtime and
-the simulator run the same decisions in C when the policy core builds (runtime/trace_policy_native.py).
+lazy deletion. O(log n) per event. Pure Python: the reference; runtime/trace_policy_native.py makes
+the same decisions in C for the runtime and the simulator.
 """
 
 from __future__ import annotations
@@ -72,9 +72,7 @@ class TracePolicy(NextUseEstimates, PolicyBase):
         self.E = num_experts or 0
         self.K = top_k or 0
         self.bypass = bypass
-        # Defaults chosen on the 5-fold simulation of the shared trace (BENCHMARKS.md, issue 8, fourth
-        # session): margin 1 -> 0, threshold 0.6 -> 0.8 (the router lookahead's 0.8 still passes),
-        # re-match every 16 -> 32 tokens; 1.35 / 1.62 / 2.08 -> 1.32 / 1.59 / 2.07x Belady's fetches.
+        # Margin, threshold (>= the lookahead's 0.8) and re-match: swept in BENCHMARKS.md, issue 8.
         self.bypass_margin = bypass_margin  # in tokens: bypass only when later than the victim by this
         self.prefetch = prefetch
         self.prefetch_threshold = prefetch_threshold

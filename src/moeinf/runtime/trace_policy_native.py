@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from moeinf.runtime.next_use import HAZARD, NEXT_CHECK
+from moeinf.runtime.policy import SHAPE_OPTIONS
 from moeinf.runtime.policy_core import core_class, core_reason, keytab
 from moeinf.runtime.trace_policy import TracePolicy
 
@@ -111,7 +112,7 @@ def make_trace_policy(**options: Any):
     """The trace policy: native when the core loads and the shape is known (from the options or the
     library), else `TracePolicy`."""
     library = options.get("library")
-    shape_known = all(options.get(k) for k in ("num_layers", "num_experts", "top_k")) or library is not None
+    shape_known = all(options.get(k) for k in SHAPE_OPTIONS) or library is not None
     cls = native_class() if shape_known else None
     if cls is None:
         return TracePolicy(**options)
