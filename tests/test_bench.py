@@ -55,7 +55,7 @@ def in_process(config: BenchConfig, policy: str) -> dict:
 
 
 def bench(model: str, **options) -> dict:
-    policies, _ = resolve_policies(options.pop("policies", POLICIES))
+    policies, _ = resolve_policies(options.pop("policies", POLICIES), replay="routing_trace" in options)
     config = BenchConfig(model=model, policies=policies, prompts=list(BUILTIN_PROMPTS[:2]), max_tokens=6)
     for key, value in options.items():
         setattr(config, key, value)
@@ -129,6 +129,25 @@ def test_replayed_routing_drives_the_cache(model, tmp_path):
     assert (a["misses"], a["requests"]) == (b["misses"], b["requests"])
 
 
+def test_oracle_runs_under_replay_and_fetches_least(model, tmp_path):
+    rng = np.random.default_rng(1)
+    requests = [np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(60)])]
+    trace_file = write_trace(make_trace(requests * 2, num_experts=E), tmp_path / "t.npz")
+    result = bench(model, policies=["lru", "lfu", "oracle"], routing_trace=str(trace_file), max_tokens=12)
+    runs = {p: r[0] for p, r in result["runs"].items()}
+    oracle = runs["oracle"]
+    # Belady's MIN: no demand-fetching policy (no prefetch, no bypass) fetches fewer, prefill included.
+    assert oracle["cache"]["misses"] <= min(runs["lru"]["cache"]["misses"], runs["lfu"]["cache"]["misses"])
+    assert oracle["cache"]["misses"] < runs["lru"]["cache"]["misses"]  # the budget is tight enough to tell
+    assert oracle["cache"]["prefetch_issued"] == 0 and oracle["decode"]["bypassed"] == 0
+    print({p: (r["decode"]["misses"], r["cache"]["misses"], r["oracle"]) for p, r in runs.items()})
+    assert oracle["decode"]["requests"] == runs["lru"]["decode"]["requests"]  # the same routing
+    assert "oracle" in result["policies"]
+    config = BenchConfig(model=model, policies=["oracle"], prompts=list(BUILTIN_PROMPTS[:1]), max_tokens=2)
+    with pytest.raises(BadOption, match="routing-trace"):
+        in_process(config, "oracle")  # the worker refuses it without a future to know
+
+
 def test_physical_limit_is_the_larger_bound():
     summaries = {"all-resident": {"ms_per_token": 10.0, "oracle_fetches_per_token": 4.0}}
     limit = physical_limit(summaries, bandwidth_bytes_s=1e9, expert_bytes=5_000_000)
@@ -165,7 +184,8 @@ def test_run_figures_per_token_and_percentiles():
 
 def test_policies_and_prompts_are_validated(tmp_path):
     assert resolve_policies(["lru", "naive", "lru"])[0] == ["lru", "naive"]
-    assert "oracle" in resolve_policies(["lru", "oracle"])[1][0]
+    assert "oracle" in resolve_policies(["lru", "oracle"])[1][0]  # needs replay: skipped, with a note
+    assert resolve_policies(["lru", "oracle"], replay=True) == (["lru", "oracle"], [])
     with pytest.raises(BadOption, match="unknown policy"):
         resolve_policies(["fifo"])
     f = tmp_path / "p.jsonl"

@@ -39,3 +39,5 @@ def test_make_policy():
     assert make_policy("lfu").name == "lfu"
     with pytest.raises(BadOption, match="unknown policy"):
         make_policy("random")
+    with pytest.raises(BadOption, match="needs the future"):
+        make_policy("oracle")  # `run` has no future to give it; bench under replay builds its own

@@ -49,20 +49,22 @@ class BenchConfig:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_policies(names: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Known, de-duplicated policy names in order, and notes on those skipped."""
+def resolve_policies(names: Sequence[str], *, replay: bool = False) -> tuple[list[str], list[str]]:
+    """Known, de-duplicated policy names in order, and notes on those skipped. `oracle` (Belady's MIN)
+    runs only under routing replay (`replay`), where the trace tells it the future."""
     from moeinf.runtime.policy import POLICIES
 
-    runnable = {ALL_RESIDENT, *POLICIES} - {"oracle"}
+    runnable = {ALL_RESIDENT, *POLICIES}
     chosen, notes = [], []
     for raw in names:
         name = raw.strip()
         if not name or name in chosen:
             continue
-        if name == "oracle":
-            notes.append("oracle: not a runnable policy; its fetches are the physical limit's yardstick")
-        elif name == "trace" and name not in runnable:
-            notes.append("trace: policy not registered yet; skipped")
+        if name == "oracle" and not replay:
+            notes.append(
+                "oracle: runs only with --routing-trace (the replayed trace is its future); without, its "
+                "fetches are still the physical limit's yardstick"
+            )
         elif name not in runnable:
             raise BadOption(f"unknown policy {name!r}; choose from: {', '.join(sorted(runnable))}")
         else:

@@ -28,15 +28,23 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     """Measure one (policy, repeat); see the module docstring for the result's content."""
     import torch
 
+    from moeinf.errors import BadOption
     from moeinf.runtime.cache_plan import cache_factory
     from moeinf.runtime.engine import Engine
     from moeinf.runtime.generate import GenerationParams, generate
+    from moeinf.runtime.oracle import ReplayOracle
     from moeinf.runtime.routing_hooks import HookChain, RoutingRecorder, RoutingReplay
     from moeinf.runtime.sampling import SamplingParams
     from moeinf.runtime.trace import read_trace
 
     policy = config["policy"]
     plans: list = []
+    trace = read_trace(config["routing_trace"]) if config.get("routing_trace") else None
+    oracle = None
+    if policy == "oracle":
+        if trace is None:
+            raise BadOption("the oracle runs only with --routing-trace: the replayed trace is its future")
+        oracle = ReplayOracle(trace.experts, trace.num_experts)
     if policy == ALL_RESIDENT:
         factory = cache_factory(
             ram_mem="100%", gpu_mem="100%", policy="lru", on_plan=lambda p, c: plans.append(p)
@@ -46,6 +54,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             ram_mem=config.get("ram_mem"),
             gpu_mem=config.get("gpu_mem"),
             policy=policy,
+            policy_object=oracle,
             on_plan=lambda p, c: plans.append(p),
         )
     engine = Engine.load(
@@ -60,29 +69,38 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         assert spec is not None
         L, E, K = len(spec.moe_layers), spec.num_experts, spec.top_k
         recorder = RoutingRecorder(L, E, K)
+        max_tokens = int(config["max_tokens"])
+        tok = engine.tokenizer
+        chat = tok.has_chat_template
+        encoded = [
+            tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
+            for _, text in config["prompts"]
+        ]
         replay = None
-        if config.get("routing_trace"):
-            trace = read_trace(config["routing_trace"])
+        hooks: list = [recorder]
+        if trace is not None:
             replay = RoutingReplay(trace, num_moe_layers=L, num_experts=E, top_k=K)
+            # Decode replays trace request i from its first token; prefill takes the tokens before.
             offsets = trace.seq_offsets
-        engine.decoder.set_routing_hook(HookChain([replay, recorder]) if replay else recorder)
+            starts = [int(offsets[i % trace.num_requests]) - len(ids) for i, ids in enumerate(encoded)]
+            hooks = [replay, recorder]
+            if oracle is not None:  # its future: each prompt's forwards, one trace row per token fed
+                fed = [len(ids) + max_tokens - 1 for ids in encoded]
+                rows = [np.arange(s, s + n) for s, n in zip(starts, fed, strict=True)]
+                oracle.plan(np.concatenate(rows) % trace.num_tokens)
+                hooks.insert(1, oracle)
+        engine.decoder.set_routing_hook(HookChain(hooks) if len(hooks) > 1 else recorder)
         provider = engine.provider
         params = GenerationParams(
-            max_tokens=int(config["max_tokens"]), ignore_eos=True, sampling=SamplingParams(temperature=0.0)
+            max_tokens=max_tokens, ignore_eos=True, sampling=SamplingParams(temperature=0.0)
         )
         prompts, recorded = [], []
         decode = _zero_totals()
-        for i, (name, text) in enumerate(config["prompts"]):
+        for i, (name, _) in enumerate(config["prompts"]):
             engine.reset()
-            tok = engine.tokenizer
-            ids = (
-                tok.encode_chat([{"role": "user", "content": text}])
-                if tok.has_chat_template
-                else tok.encode(text)
-            )
+            ids = encoded[i]
             if replay is not None:
-                # Decode replays trace request i from its first token; prefill takes the tokens before.
-                replay.seek(int(offsets[i % (len(offsets) - 1)]) - len(ids))
+                replay.seek(starts[i])
             steps_ms: list[float] = []
             after_prefill = None
             last = None

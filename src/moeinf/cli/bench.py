@@ -18,7 +18,11 @@ from moeinf.cli import ui
 def bench(
     model: Annotated[str, typer.Argument(help="Model: store name or alias (pulled first if missing).")],
     policies: Annotated[
-        str, typer.Option("--policies", help="Comma-separated: all-resident,naive,lru,lfu,trace.")
+        str,
+        typer.Option(
+            "--policies",
+            help="Comma-separated: all-resident,naive,lru,lfu,trace; oracle (Belady) with --routing-trace.",
+        ),
     ] = "all-resident,naive,lru,lfu,trace",
     ram_mem: Annotated[
         str | None, typer.Option("--ram-mem", help="RAM budget for experts: 25% (of the experts) or 6GiB.")
@@ -50,7 +54,7 @@ def bench(
 
         if plot is not None:
             _check_plot_dependency()
-        chosen, notes = resolve_policies(policies.split(","))
+        chosen, notes = resolve_policies(policies.split(","), replay=routing_trace is not None)
         config = BenchConfig(
             model=model,
             policies=chosen,

@@ -18,7 +18,7 @@ from moeinf.models.spec import ModelSpec
 from moeinf.runtime.budget import default_budget_bytes, format_bytes, parse_size, slots_for
 from moeinf.runtime.expert_cache import ExpertCache
 from moeinf.runtime.expert_store import ExpertLayout, round_up
-from moeinf.runtime.policy import DEFAULT_POLICY, make_policy
+from moeinf.runtime.policy import DEFAULT_POLICY, Policy, check_policy_name, make_policy
 from moeinf.runtime.slot_pool import torch_dtype
 
 
@@ -85,7 +85,7 @@ def plan_cache(
     gpu_mem: str | None = None,
     policy: str = DEFAULT_POLICY,
 ) -> CachePlan:
-    make_policy(policy)  # an unknown name fails here, before anything is allocated
+    check_policy_name(policy)  # an unknown name fails here, before anything is allocated
     layout = ExpertLayout(spec.hidden_size, spec.expert_dim, spec.dtype)
     n_experts = spec.num_experts * len(spec.moe_layers)
     reasons: list[str] = []
@@ -211,11 +211,14 @@ def cache_factory(
     ram_mem: str | None = None,
     gpu_mem: str | None = None,
     policy: str = DEFAULT_POLICY,
+    policy_object: Policy | None = None,
     on_plan: Callable[[CachePlan, ExpertCache], None] | None = None,
 ) -> Callable[..., ExpertCache]:
     """A provider factory for `Engine.load(provider=...)`: (stored model, device, dtype) -> ExpertCache.
 
-    `on_plan` receives the plan and the cache once built (the CLI prints `describe()` with --verbose).
+    `policy_object`: a ready policy named `policy` to use instead of making one (the bench's replay
+    oracle). `on_plan` receives the plan and the cache once built (the CLI prints `describe()` with
+    --verbose).
     """
 
     def make(stored, device: torch.device, dtype: torch.dtype) -> ExpertCache:
@@ -232,7 +235,7 @@ def cache_factory(
             policy=policy,
         )
         library = None
-        if policy == "trace":
+        if policy == "trace" and policy_object is None:
             from moeinf.runtime.trace_library import open_model_library
 
             library = open_model_library(stored)
@@ -244,6 +247,8 @@ def cache_factory(
                 "trace: every expert fits, so nothing is ever evicted: the policy only records this "
                 "model's routing for its trace library"
             )
+        elif policy_object is not None:
+            chosen = policy_object
         else:
             chosen = model_policy(policy, stored, library)
         cache = build_cache(plan, stored.expert_path, policy=chosen)

@@ -299,7 +299,10 @@ def _shaped(name: str, python: Callable[[], Policy]) -> Callable[..., Policy]:
 def _oracle_policy(**options: Any) -> Policy:
     from moeinf.errors import BadOption
 
-    raise BadOption("the oracle policy needs the future: it exists only in `moeinf trace simulate`")
+    raise BadOption(
+        "the oracle policy needs the future: it exists only in `moeinf trace simulate` and in "
+        "`moeinf bench --routing-trace` (where the replayed trace is the future)"
+    )
 
 
 # name -> factory; factories of policies that learn (trace) take keyword options such as `library`.
@@ -339,15 +342,19 @@ SHAPED_POLICIES = frozenset({"lru", "lfu"})  # take the model's shape (their C c
 SHAPE_OPTIONS = ("num_layers", "num_experts", "top_k")
 
 
+def check_policy_name(name: str) -> None:
+    """Raise BadOption unless `name` is a known policy (without making one)."""
+    from moeinf.errors import BadOption
+
+    if name not in POLICIES:
+        raise BadOption(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}")
+
+
 def make_policy(name: str, **options: Any) -> Policy:
     """The policy `name`. Options (e.g. `library=TraceLibrary`) go to learning policies only; the
     model's shape (`SHAPE_OPTIONS`) also to `lru` and `lfu`, which then run on their C cores."""
-    from moeinf.errors import BadOption
-
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        raise BadOption(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}") from None
+    check_policy_name(name)
+    factory = POLICIES[name]
     if name in LEARNING_POLICIES:
         return factory(**options)
     if name in SHAPED_POLICIES:
