@@ -20,18 +20,19 @@ from moeinf.runtime.trace import make_trace
 T = 24  # replayed tokens
 
 
-def recording(base: type, log: list, *args):
+def recording(base: type, log: list, *args, **kwargs):
     class Recording(base):
         def on_insert(self, key):
             log.append(tuple(key))
             super().on_insert(key)
 
-    return Recording(*args)
+    return Recording(*args, **kwargs)
 
 
-def replay_both(checkpoint, slots: int, runtime_policy, simulated_policy) -> tuple[list, list]:
+def replay_both(checkpoint, slots: int, runtime_policy, simulated_policy, stats: dict | None = None):
     """Replay a random trace of T tokens through the runtime and the simulator at `slots` slots; the
-    policy factories take (log, trace) and return a policy that logs its inserts there."""
+    policy factories take (log, trace) and return a policy that logs its inserts there. Returns both
+    logs; `stats` receives the runtime cache's statistics."""
     stored = pull(str(checkpoint("mixtral")), name="mx")
     spec = stored.manifest.spec
     L, E, K = len(spec.moe_layers), spec.num_experts, spec.top_k
@@ -62,6 +63,8 @@ def replay_both(checkpoint, slots: int, runtime_policy, simulated_policy) -> tup
         engine.decoder.set_routing_hook(hook)
         # A one-token prompt, then T - 1 decode steps: T forwards of one token, one trace row each.
         complete(engine, [1], GenerationParams(max_tokens=T, ignore_eos=True))
+        if stats is not None:
+            stats.update(engine.cache_stats())
     finally:
         engine.close()
 
@@ -106,3 +109,20 @@ def test_runtime_oracle_refuses_a_replay_off_its_plan(checkpoint):
         replay_both(
             checkpoint, 2, off_plan, lambda log, t: recording(OraclePolicy, log, t.experts, t.num_experts)
         )
+
+
+def test_runtime_oracle_prefetch_reads_ahead_what_belady_reads_on_demand(checkpoint):
+    """`prefetch_layers`: the experts of the coming layer steps are read before they are asked for."""
+    runs = {}
+    for ahead in (0, 2):
+        runs[ahead] = {}
+
+        def oracle(log, trace, ahead=ahead):
+            policy = recording(ReplayOracle, log, trace.experts, trace.num_experts, prefetch_layers=ahead)
+            policy.plan(np.arange(T))
+            return policy
+
+        simulated = lambda log, t: recording(OraclePolicy, log, t.experts, t.num_experts)  # noqa: E731
+        replay_both(checkpoint, 5, oracle, simulated, runs[ahead])
+    assert runs[0]["prefetch_issued"] == 0
+    assert runs[2]["prefetch_used"] > 0 and runs[2]["misses"] < runs[0]["misses"]

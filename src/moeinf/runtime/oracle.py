@@ -123,12 +123,18 @@ class ReplayOracle(BeladyMin):
     right after the `RoutingReplay`, it follows the replay forward by forward (checking that the ids
     are the planned rows') and gives each used expert the position of its next use in the plan:
     `(planned row x layers + layer) x top-k + slot`, the simulator's access order (so ties between
-    equally distant uses break the same way)."""
+    equally distant uses break the same way).
+
+    `prefetch_layers` > 0 (a yardstick for prefetching, not Belady's MIN any more): after each layer
+    call, fetch ahead the experts of the next `prefetch_layers` layer steps that are not resident, when
+    the victim's next use is later; what perfect knowledge of the coming routing would let reads overlap.
+    """
 
     replaces_routing = False  # as a routing hook it only watches
 
-    def __init__(self, experts: np.ndarray, num_experts: int) -> None:
+    def __init__(self, experts: np.ndarray, num_experts: int, *, prefetch_layers: int = 0) -> None:
         super().__init__()
+        self.prefetch_layers = prefetch_layers
         self._experts = np.asarray(experts)  # [N, L, K] the replayed trace
         self._E = num_experts
         self._L = self._experts.shape[1]
@@ -179,3 +185,28 @@ class ReplayOracle(BeladyMin):
     def on_accesses(self, keys: Sequence[ExpertKey], missed: Container[ExpertKey]) -> None:
         for key in keys:
             self.on_access(key, key not in missed)
+
+    def plan_prefetch(self, layer: int, expert_ids: Sequence[int]) -> list[ExpertKey]:
+        if not self.prefetch_layers or self._rows is None:
+            return []
+        L, K = self._L, self._experts.shape[2]
+        plan: list[ExpertKey] = []
+        step = (self._end - 1) * L + layer  # the running (planned row, layer), flattened
+        for ahead in range(step + 1, step + 1 + self.prefetch_layers):
+            row, lay = divmod(ahead, L)
+            if row >= len(self._rows):
+                break
+            for k, e in enumerate(self._experts[self._rows[row], lay].tolist()):
+                key = ExpertKey(lay, e)
+                use = ahead * K + k
+                if key not in self._resident and key not in plan and self._victim_later(use):
+                    self._when[key] = use  # what on_insert files it under
+                    plan.append(key)
+        return plan
+
+    def _victim_later(self, use: int) -> bool:
+        """Whether the resident expert MIN would evict now is next used after position `use`."""
+        heap, when, resident = self._heap, self._when, self._resident
+        while heap and (heap[0][1] not in resident or when.get(heap[0][1], NEVER) != -heap[0][0]):
+            heapq.heappop(heap)  # stale entry
+        return not heap or -heap[0][0] > use
