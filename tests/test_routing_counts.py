@@ -238,3 +238,13 @@ def test_cross_token_counts_stay_bounded_for_wide_models():
     assert cross_distance(48, 128, pair_distance(48, 128)) == -1  # Qwen3-MoE: none
     wide = RoutingCounts(61, 256)
     assert wide.next_pairs.size == wide.same.size == 0 and wide.stats().cross is None
+
+
+def test_wide_models_get_bounded_statistics():
+    """DeepSeek-V3's width (61 layers x 256 experts) gets no pair tables, as at run time: 8 distances
+    of [E][E] tables would be ~1 GB of Python floats in the policy."""
+    x = np.zeros((4, 61, 8), dtype=np.int16)
+    x[:, :, :] = np.arange(8)
+    stats = routing_statistics(make_trace([x], num_experts=256))
+    assert stats.follow == {} and stats.cross is None
+    assert len(stats.reuse) == 61 and len(stats.reuse[0]) == 256

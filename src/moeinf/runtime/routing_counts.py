@@ -59,9 +59,10 @@ class RoutingStats:
     cross: list[np.ndarray] | None = None
 
 
-def routing_statistics(trace: Trace, shrink: float = 20.0, max_distance: int = 8) -> RoutingStats:
-    """The statistics of a whole trace (the simulator's `--library`, the evaluation's folds): the
-    same counts and the same solver as the run-time library's (`RoutingCounts.stats`)."""
+def routing_statistics(trace: Trace, shrink: float = 20.0, max_distance: int | None = None) -> RoutingStats:
+    """The statistics of a whole trace (the evaluation's folds, tests): the same counts and the same
+    solver as the run-time library's (`RoutingCounts.stats`), with the same bound on the pair distance
+    unless `max_distance` is given (8 for gpt-oss's 24 x 32; none for DeepSeek-V3's width)."""
     return RoutingCounts.from_trace(trace, max_distance=max_distance).stats(shrink)
 
 
