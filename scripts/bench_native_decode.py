@@ -65,7 +65,7 @@ def run_one(
         from moeinf.runtime.oracle import ReplayOracle
 
         oracle = ReplayOracle(trace.experts, trace.num_experts, prefetch_layers=ahead)
-        oracle.plan(np.arange(warmup + rounds * tokens))
+        oracle.plan(np.arange(warmup + rounds * tokens), spec.moe_layers)
     make = cache_factory(ram_mem=f"{pct}%", policy=policy, policy_object=oracle)
 
     def provider(stored, device, dtype):

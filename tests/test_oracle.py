@@ -69,3 +69,25 @@ def test_oracle_evicts_furthest_next_use_and_respects_can_evict():
     assert p.choose_victim(lambda k: k != K(0, 0)) == K(0, 1)
     with pytest.raises(ValueError, match="diverged"):
         p.on_access(K(0, 2), True)
+
+
+def test_replay_oracle_keys_are_model_layers():
+    """A model whose MoE layers are 1 and 2 (layer 0 dense): trace layer i is model layer i + 1."""
+    import torch
+
+    from moeinf.runtime.oracle import ReplayOracle
+
+    experts = np.array([[[0], [1]], [[2], [1]], [[0], [3]]])  # [3 tokens, 2 MoE layers, top-1]
+    oracle = ReplayOracle(experts, num_experts=4, prefetch_layers=1)
+    oracle.plan(np.arange(3), layers=(1, 2))
+    w = torch.ones(1, 1)
+    for layer, e in ((1, 0), (2, 1)):  # token 0
+        oracle.on_route(layer - 1, w, torch.tensor([[e]]))
+        oracle.on_accesses([K(layer, e)], missed={K(layer, e)})
+        oracle.on_insert(K(layer, e))
+    # Next uses: (1, 0) at token 2, (2, 1) at token 1: MIN evicts (1, 0).
+    assert oracle.choose_victim(lambda k: True) == K(1, 0)
+    # After token 0's last layer, the next layer step is token 1's first MoE layer: model layer 1.
+    assert oracle.plan_prefetch(2, [1]) == [K(1, 2)]
+    with pytest.raises(RuntimeError, match="plan does not match"):
+        oracle.on_route(0, w, torch.tensor([[3]]))  # token 1 routes expert 2 at its first layer

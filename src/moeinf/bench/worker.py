@@ -87,7 +87,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             if oracle is not None:  # its future: each prompt's forwards, one trace row per token fed
                 fed = [len(ids) + max_tokens - 1 for ids in encoded]
                 rows = [np.arange(s, s + n) for s, n in zip(starts, fed, strict=True)]
-                oracle.plan(np.concatenate(rows) % trace.num_tokens)
+                oracle.plan(np.concatenate(rows) % trace.num_tokens, spec.moe_layers)
                 hooks.insert(1, oracle)
         engine.decoder.set_routing_hook(HookChain(hooks) if len(hooks) > 1 else recorder)
         provider = engine.provider

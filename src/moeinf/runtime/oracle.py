@@ -123,7 +123,8 @@ class ReplayOracle(BeladyMin):
     right after the `RoutingReplay`, it follows the replay forward by forward (checking that the ids
     are the planned rows') and gives each used expert the position of its next use in the plan:
     `(planned row x layers + layer) x top-k + slot`, the simulator's access order (so ties between
-    equally distant uses break the same way).
+    equally distant uses break the same way). Trace layer i is the model's i-th MoE layer, whose index
+    in the model (what `ExpertKey.layer` holds) `plan` is told.
 
     `prefetch_layers` > 0 (a yardstick for prefetching, not Belady's MIN any more): after each layer
     call, fetch ahead the experts of the next `prefetch_layers` layer steps that are not resident, when
@@ -142,9 +143,17 @@ class ReplayOracle(BeladyMin):
         self._end = 0  # planned rows routed so far: the running forward's last row is _end - 1
         self._positions: list[int] = []  # positions of each expert's planned uses, grouped by flat id
         self._starts: list[int] = []  # flat id f -> its group in _positions: [_starts[f], _starts[f + 1])
+        self._layers: list[int] = list(range(self._L))  # trace layer -> the model's layer index
+        self._index: dict[int, int] = {m: i for i, m in enumerate(self._layers)}  # and back
 
-    def plan(self, rows: np.ndarray) -> None:
-        """The trace rows the replay will route from now on, in order."""
+    def plan(self, rows: np.ndarray, layers: Sequence[int] | None = None) -> None:
+        """The trace rows the replay will route from now on, in order; `layers`: the model's MoE layer
+        indices (default 0..L-1: every layer is a MoE layer)."""
+        if layers is not None:
+            if len(layers) != self._L:
+                raise ValueError(f"{len(layers)} MoE layers for a trace of {self._L}")
+            self._layers = [int(m) for m in layers]
+            self._index = {m: i for i, m in enumerate(self._layers)}
         rows = np.asarray(rows, dtype=np.int64)
         L, E = self._L, self._E
         planned = self._experts[rows].astype(np.int64)  # [S, L, K]
@@ -172,7 +181,7 @@ class ReplayOracle(BeladyMin):
 
     def _next_use(self, key: ExpertKey) -> int:
         """The position of `key`'s first use in a planned row after the running forward's rows."""
-        f = key[0] * self._E + key[1]
+        f = self._index[key[0]] * self._E + key[1]
         end = self._end * self._L * self._experts.shape[2]  # the first position of the next row
         j = bisect.bisect_left(self._positions, end, self._starts[f], self._starts[f + 1])
         return self._positions[j] if j < self._starts[f + 1] else NEVER
@@ -191,13 +200,13 @@ class ReplayOracle(BeladyMin):
             return []
         L, K = self._L, self._experts.shape[2]
         plan: list[ExpertKey] = []
-        step = (self._end - 1) * L + layer  # the running (planned row, layer), flattened
+        step = (self._end - 1) * L + self._index[layer]  # the running (planned row, MoE layer), flattened
         for ahead in range(step + 1, step + 1 + self.prefetch_layers):
             row, lay = divmod(ahead, L)
             if row >= len(self._rows):
                 break
             for k, e in enumerate(self._experts[self._rows[row], lay].tolist()):
-                key = ExpertKey(lay, e)
+                key = ExpertKey(self._layers[lay], e)
                 use = ahead * K + k
                 if key not in self._resident and key not in plan and self._victim_later(use):
                     self._when[key] = use  # what on_insert files it under
