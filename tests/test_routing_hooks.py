@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from moeinf.errors import InvalidTrace
-from moeinf.runtime.routing_hooks import HookChain, RoutingRecorder, RoutingReplay
-from moeinf.runtime.trace import make_trace
+from moeinf.runtime.routing_hooks import HookChain, RoutingRecorder, RoutingReplay, TraceFileRecorder
+from moeinf.runtime.trace import make_trace, read_trace
 
 
 def forward(hook, ids_per_layer):
@@ -65,3 +65,21 @@ def test_replay_says_it_replaces_routing():
     rec = RoutingRecorder(1, 4, 2)
     assert replay.replaces_routing and not rec.replaces_routing
     assert HookChain([replay, rec]).replaces_routing and not HookChain([rec]).replaces_routing
+
+
+def test_trace_file_recorder_writes_every_finished_request(tmp_path):
+    path = tmp_path / "sub" / "routing.npz"
+    rec = TraceFileRecorder(path, num_moe_layers=2, num_experts=4, top_k=2, model="m")
+    rec.start_request()
+    forward(rec, [torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 2], [1, 3]])])  # prefill of 2 tokens
+    forward(rec, [torch.tensor([[0, 3]]), torch.tensor([[2, 3]])])  # one decode step
+    assert not path.exists()  # written when the request ends
+    rec.end_request()
+    first = read_trace(path)
+    assert first.num_requests == 1 and first.meta["prefill_tokens"] == [2] and first.meta["model"] == "m"
+    rec.start_request()
+    forward(rec, [torch.tensor([[3, 2]]), torch.tensor([[0, 1]])])
+    rec.end_request()
+    both = read_trace(path)  # rewritten with both requests
+    assert both.seq_offsets.tolist() == [0, 3, 4] and both.meta["prefill_tokens"] == [2, 1]
+    assert both.experts[3].tolist() == [[3, 2], [0, 1]] and both.probs is not None

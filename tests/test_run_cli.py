@@ -81,3 +81,34 @@ def test_unknown_model_is_a_one_line_error():
     assert result.stderr.startswith("Error: ") and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["run", "x", "hi", "--format", "yaml"])
     assert result.exit_code == 2 and "--format" in result.stderr
+
+
+def test_record_trace_writes_the_routing_replayed_or_own(checkpoint, tmp_path):
+    """--record-trace: one request per answer, every token (prompt and generated); under replay the
+    recorded ids are the replayed ones."""
+    import numpy as np
+
+    from moeinf.runtime.trace import make_trace, read_trace, write_trace
+
+    ckpt = str(checkpoint("mixtral"))
+    own = tmp_path / "own.npz"
+    out = run_json(ckpt, PROMPT, "--raw", "--ignore-eos", "--max-tokens", "5", "--record-trace", str(own))
+    trace = read_trace(own)
+    prompt = len(out["prompt_token_ids"])
+    assert trace.num_requests == 1 and trace.meta["prefill_tokens"] == [prompt]
+    assert trace.num_tokens == prompt + 4  # the last generated token is never fed back
+    L, K = trace.num_layers, trace.top_k
+    rng = np.random.default_rng(0)
+    E = trace.num_experts
+    forced = np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(40)])
+    replayed = write_trace(make_trace([forced], num_experts=trace.num_experts), tmp_path / "in.npz")
+    again = tmp_path / "again.npz"
+    options = ["--raw", "--ignore-eos", "--max-tokens", "5", "--routing-trace", str(replayed)]
+    run_json(ckpt, PROMPT, *options, "--record-trace", str(again))
+    assert read_trace(again).experts.tolist() == forced[: prompt + 4].tolist()
+
+
+def test_record_trace_into_a_directory_is_refused(checkpoint, tmp_path):
+    ckpt = str(checkpoint("mixtral"))
+    result = CliRunner().invoke(app, ["run", ckpt, "hi", "--record-trace", str(tmp_path)])
+    assert result.exit_code != 0 and "is a directory" in result.output

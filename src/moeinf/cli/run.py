@@ -74,6 +74,13 @@ def run(
         str | None,
         typer.Option("--routing-trace", help="Replay the router's choices from a trace file (.npz)."),
     ] = None,
+    record_trace: Annotated[
+        str | None,
+        typer.Option(
+            "--record-trace",
+            help="Write the router's choices of every request to a trace file (.npz, for `trace simulate`).",
+        ),
+    ] = None,
 ) -> None:
     """Run a model: chat in a terminal, or answer PROMPT (with piped stdin before it) and exit."""
     with ui.errors(), _quiet_broken_pipe():
@@ -85,13 +92,14 @@ def run(
         if not interactive and not text.strip():
             raise BadOption("no prompt: give PROMPT, pipe text on stdin, or run in a terminal to chat")
 
+        if record_trace is not None:
+            _check_writable(record_trace)
         cache = {"ram_mem": ram_mem, "gpu_mem": gpu_mem, "policy": policy}
         engine = _load(model, device=device, threads=threads, num_ctx=num_ctx, cache=cache, verbose=verbose)
         with contextlib.closing(engine):  # the expert cache's worker threads end with the command
             if verbose:
                 print(engine.decoder.describe_decode(), file=sys.stderr)
-            if routing_trace:
-                _replay(engine, routing_trace)
+            _routing_hooks(engine, replay=routing_trace, record=record_trace, model=model)
             _chat(
                 engine,
                 text if not interactive else None,
@@ -161,16 +169,37 @@ def _load(model: str, *, device: str, threads: int | None, num_ctx: int | None, 
         )
 
 
-def _replay(engine, path: str) -> None:
-    """--routing-trace: the router's choices come from a recorded trace (same layers x experts x top-k)."""
-    from moeinf.runtime.routing_hooks import RoutingReplay
+def _check_writable(path: str) -> None:
+    """--record-trace: fail before loading the model when the file cannot be written."""
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise BadOption(f"--record-trace {path} is a directory; give a file name (e.g. routing.npz)")
+    folder = target.resolve().parent
+    while not folder.exists():  # missing folders are created at the first write
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise BadOption(f"--record-trace {path}: cannot write in {folder}")
+
+
+def _routing_hooks(engine, *, replay: str | None, record: str | None, model: str) -> None:
+    """--routing-trace: the router's choices come from a recorded trace (same layers x experts x top-k);
+    --record-trace: the choices made (replayed or the model's own) go to a trace file per request."""
+    from moeinf.runtime.routing_hooks import HookChain, RoutingReplay, TraceFileRecorder
     from moeinf.runtime.trace import read_trace
 
     spec = engine.spec
-    replay = RoutingReplay(
-        read_trace(path), num_moe_layers=len(spec.moe_layers), num_experts=spec.num_experts, top_k=spec.top_k
-    )
-    engine.decoder.set_routing_hook(replay)
+    shape = {"num_moe_layers": len(spec.moe_layers), "num_experts": spec.num_experts, "top_k": spec.top_k}
+    hooks: list = []
+    if replay:
+        hooks.append(RoutingReplay(read_trace(replay), **shape))
+    if record:
+        recorder = TraceFileRecorder(record, **shape, model=model, source="moeinf run")
+        engine.request_listeners.append(recorder)
+        hooks.append(recorder)
+    if hooks:
+        engine.decoder.set_routing_hook(HookChain(hooks) if len(hooks) > 1 else hooks[0])
 
 
 def _session(engine, *, raw: bool, system: str | None, overrides: dict, max_tokens, stop, ignore_eos):

@@ -156,6 +156,7 @@ class Engine:
         self.threads = threads
         self.load_s = load_s
         self.kv_tokens: list[int] = []  # token ids whose keys/values the decoder's cache holds
+        self.request_listeners: list[RequestAware] = []  # told of request boundaries after the provider
 
     @classmethod
     def load(
@@ -227,13 +228,18 @@ class Engine:
         return SamplingParams.from_generation_config(self.generation_config)
 
     def start_request(self) -> None:
-        """A generation starts: the expert cache's policy may learn per request (trace library)."""
+        """A generation starts: the expert cache's policy may learn per request (trace library), and
+        `request_listeners` (e.g. a routing-trace file recorder) hear of it too."""
         if isinstance(self.provider, RequestAware):
             self.provider.start_request()
+        for listener in self.request_listeners:
+            listener.start_request()
 
     def end_request(self) -> None:
         if isinstance(self.provider, RequestAware):
             self.provider.end_request()
+        for listener in self.request_listeners:
+            listener.end_request()
 
     def cache_stats(self) -> dict:
         """The expert cache's statistics when the provider keeps any, else {}."""

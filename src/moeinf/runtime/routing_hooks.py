@@ -3,19 +3,21 @@
 The MoE block calls `hook.on_route(moe_index, weights, ids)` right after `route()` and uses what it
 returns. `RoutingRecorder` keeps the choices of each request (the trace and its expert activation
 matrix); `RoutingReplay` forces choices read from a trace file, so a random-weight model of any size
-reproduces a real model's expert access pattern. T tokens, K top-k, L routed layers.
+reproduces a real model's expert access pattern; `TraceFileRecorder` writes what it records to a
+trace file after every request (`moeinf run --record-trace`). T tokens, K top-k, L routed layers.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from moeinf.errors import InvalidTrace
-from moeinf.runtime.trace import Trace, make_trace
+from moeinf.errors import DiskFull, InvalidTrace, MoeinfError
+from moeinf.runtime.trace import Trace, make_trace, write_trace
 
 
 class RoutingHook(Protocol):
@@ -74,6 +76,41 @@ class RoutingRecorder:
     def trace(self, **meta) -> Trace:
         """All finished requests as one trace (the format of runtime/trace.py)."""
         return make_trace(self.requests, num_experts=self.num_experts, probs=self.request_probs, **meta)
+
+
+class TraceFileRecorder(RoutingRecorder):
+    """A `RoutingRecorder` that is also told of request boundaries (`Engine.request_listeners`) and
+    rewrites `path` after every request with all requests so far: every token the model processed,
+    prompt and generated, with the router's weights; meta `prefill_tokens` gives each request's prompt
+    part (its first forward). Written atomically: an interrupted run leaves the last complete file."""
+
+    def __init__(self, path, num_moe_layers: int, num_experts: int, top_k: int, **meta) -> None:
+        super().__init__(num_moe_layers, num_experts, top_k)
+        self.path = path
+        self.meta = meta
+        self.prefill_tokens: list[int] = []
+        self._first = 0  # tokens of the request's first forward
+
+    def on_route(
+        self, moe_index: int, weights: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if moe_index == 0 and not self._ids[0]:
+            self._first = ids.shape[0]
+        return super().on_route(moe_index, weights, ids)
+
+    def start_request(self) -> None:
+        pass
+
+    def end_request(self) -> np.ndarray | None:
+        routing = super().end_request()
+        if routing is not None:
+            self.prefill_tokens.append(self._first)
+            try:
+                write_trace(self.trace(**self.meta, prefill_tokens=self.prefill_tokens), self.path)
+            except OSError as e:
+                error = DiskFull if e.errno == errno.ENOSPC else MoeinfError
+                raise error(f"cannot write the routing trace {self.path}: {e.strerror}") from None
+        return routing
 
 
 class RoutingReplay:
