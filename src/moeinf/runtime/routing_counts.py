@@ -24,6 +24,7 @@ from moeinf.errors import InvalidTrace
 if TYPE_CHECKING:
     from moeinf.runtime.trace import Trace
 
+CHUNK = 8192  # tokens per one-hot block in `add` (8192 x 24 x 32 float32: 25 MB)
 MAX_DISTANCE = 8  # layers ahead for same-token pairs (precision falls slowly with distance on gpt-oss)
 MAX_PAIR_CELLS = 1 << 20  # D x L x E x E: 8 MB of counts, and the policy's tables stay small in Python
 KEYS = ("tokens", "uses", "reuses", "with_next", "pairs")
@@ -111,23 +112,42 @@ class RoutingCounts:
         self.uses += onehot.sum(axis=0)
         self.with_next += onehot[~last].sum(axis=0)
         self.reuses += (onehot[:-1] & onehot[1:])[~last[:-1]].sum(axis=0)
-        for d in range(1, self.max_distance + 1):
-            for lo in range(L - d):
-                a, b = x[:, lo, :], x[:, lo + d, :]  # [T, K] each
-                ok = (a[:, :, None] >= 0) & (b[:, None, :] >= 0)
-                pairs = (a[:, :, None] * E + b[:, None, :])[ok]
-                self.pairs[d - 1, lo] += np.bincount(pairs, minlength=E * E).reshape(E, E)
         if self.cross_distance >= 0:
             self.cross_tokens += T
             first = np.zeros(T, dtype=bool)
             first[offsets[:-1]] = True
             self.with_prev += onehot[~first].sum(axis=0)
-            nxt = ~last[:-1]  # token t has a next token t + 1 in its request
-            a, b = x[:-1][nxt], x[1:][nxt]  # [N, L, K]: tokens t and t + 1
-            for lo in range(L):
-                self.same[lo] += _pair_counts(x[:, lo], x[:, lo], E)
-                for k in range(min(self.cross_distance, lo) + 1):
-                    self.next_pairs[k, lo] += _pair_counts(a[:, lo - k], b[:, lo], E)
+        # Pair counts as products of one-hot blocks (float32 sums of 0/1 stay exact below 2^24; each
+        # block has CHUNK tokens at most): one matrix product per layer instead of a bincount per pair.
+        for s in range(0, T if self.max_distance or self.cross_distance >= 0 else 0, CHUNK):
+            self._add_same_token(onehot[s : s + CHUNK].astype(np.float32))
+        if self.cross_distance >= 0:
+            with_next = np.nonzero(~last[:-1])[0]  # token t has a next token t + 1 in its request
+            for s in range(0, len(with_next), CHUNK):
+                t = with_next[s : s + CHUNK]
+                self._add_next_token(onehot[t].astype(np.float32), onehot[t + 1].astype(np.float32))
+
+    def _add_same_token(self, x: np.ndarray) -> None:
+        """x [C, L, E] one-hot routing of C tokens: pairs (e at l, f at l + d) and, with the cross-token
+        counts, `same` (e and f both at l)."""
+        L, E, D = self.num_layers, self.num_experts, self.max_distance
+        for lo in range(L):
+            d = min(D, L - 1 - lo)
+            a = x[:, lo]  # [C, E]
+            if d:
+                ahead = a.T @ x[:, lo + 1 : lo + 1 + d].reshape(len(x), d * E)  # [E, d * E]
+                self.pairs[:d, lo] += ahead.reshape(E, d, E).transpose(1, 0, 2)
+            if self.cross_distance >= 0:
+                self.same[lo] += a.T @ a
+
+    def _add_next_token(self, a: np.ndarray, b: np.ndarray) -> None:
+        """a, b [N, L, E]: tokens and their next ones; next_pairs[k, l] += (e at l - k in a, f at l in b)."""
+        L, E, X = self.num_layers, self.num_experts, self.cross_distance
+        for lo in range(L):
+            k = min(X, lo)
+            window = a[:, lo - k : lo + 1].reshape(len(a), (k + 1) * E)  # layers lo - k .. lo
+            block = (window.T @ b[:, lo]).reshape(k + 1, E, E)  # [j, e, f]: e at lo - k + j
+            self.next_pairs[: k + 1, lo] += block[::-1]  # j = k - (distance back)
 
     def merge(self, other: RoutingCounts) -> None:
         if (other.num_layers, other.num_experts, other.max_distance, other.cross_distance) != (
@@ -201,13 +221,6 @@ class RoutingCounts:
                 raise InvalidTrace(f"routing {key} of shape {list(value.shape)}")
             setattr(counts, key, value)
         return counts
-
-
-def _pair_counts(a: np.ndarray, b: np.ndarray, E: int) -> np.ndarray:
-    """[E, E] counts of (e in row i of `a`, f in row i of `b`) over rows; ids -1 are skipped."""
-    ok = (a[:, :, None] >= 0) & (b[:, None, :] >= 0)
-    pairs = (a[:, :, None] * E + b[:, None, :])[ok]
-    return np.bincount(pairs, minlength=E * E).reshape(E, E).astype(np.float64)
 
 
 def cross_weights(
