@@ -3,6 +3,8 @@ seeded sampling, stop strings, and errors (helpers shared with test_run_e2e.py).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -97,6 +99,10 @@ def test_record_trace_writes_the_routing_replayed_or_own(checkpoint, tmp_path):
     prompt = len(out["prompt_token_ids"])
     assert trace.num_requests == 1 and trace.meta["prefill_tokens"] == [prompt]
     assert trace.num_tokens == prompt + 4  # the last generated token is never fed back
+    for extra, tokens in (([], 4), (["--with-prefill"], prompt + 4)):  # simulate: decode steps by default
+        sim = CliRunner().invoke(app, ["trace", "simulate", str(own), "--policies", "lru", "--json", *extra])
+        assert sim.exit_code == 0, sim.output
+        assert json.loads(sim.stdout)["tokens"] == tokens
     L, K = trace.num_layers, trace.top_k
     rng = np.random.default_rng(0)
     E = trace.num_experts

@@ -72,9 +72,18 @@ def simulate(
     compute_ms_per_layer: Annotated[float, typer.Option(help="modelled compute per layer")] = 0.5,
     transfer_ms_per_expert: Annotated[float, typer.Option(help="modelled transfer per expert")] = 14.0,
     requests: Annotated[int | None, typer.Option(help="replay only the first N requests")] = None,
+    with_prefill: Annotated[
+        bool,
+        typer.Option(
+            "--with-prefill", help="also replay prompt tokens, token by token (run --record-trace has them)"
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Replay a routing trace through cache policies: fetches, misses, wasted prefetches, modelled time."""
+    """Replay a routing trace through cache policies: fetches, misses, wasted prefetches, modelled time.
+
+    A trace from `moeinf run --record-trace` holds the prompt tokens too; they are left out unless
+    --with-prefill (the simulator models decode: one token at a time, layer by layer)."""
     with ui.errors():
         from moeinf.bench.simulator import simulate_grid
         from moeinf.errors import BadOption
@@ -87,6 +96,8 @@ def simulate(
         if unknown or not names:
             raise BadOption(f"unknown policy {unknown!r}; choose from: {', '.join(sorted(POLICIES))}")
         trace = read_trace(trace_file)
+        if not with_prefill:
+            trace = trace.decode_only()
         if requests is not None:
             trace = trace.select(list(range(min(requests, trace.num_requests))))
         source = library
@@ -306,7 +317,7 @@ def import_trace(
         chosen = parse_requests(requests, trace.num_requests)
         if len(chosen) == 0:
             raise BadOption(f"--requests {requests} selects none of the {trace.num_requests} requests")
-        part = trace.select(list(chosen))
+        part = trace.select(list(chosen)).decode_only()  # as the library counts run-time requests
         experts = np.full((part.num_tokens, spec.num_layers, part.top_k), -1, dtype=np.int16)
         experts[:, layers] = part.experts  # [T, model layers, K]
         lib = open_model_library(stored)

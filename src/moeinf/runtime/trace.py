@@ -19,6 +19,7 @@ import numpy as np
 from moeinf.errors import InvalidTrace
 
 REQUIRED_META = ("num_layers", "num_experts", "top_k")
+PER_REQUEST_META = ("sequences", "prefill_tokens")  # meta lists with one item per request
 
 
 @dataclass
@@ -74,9 +75,28 @@ class Trace:
             pp = [self.probs[self.request_slice(i)] for i in idx]
             probs = np.concatenate(pp) if pp else np.zeros((0, L, K), np.float32)
         meta = dict(self.meta)
-        if isinstance(meta.get("sequences"), list) and len(meta["sequences"]) == self.num_requests:
-            meta["sequences"] = [meta["sequences"][i] for i in idx]
+        for key in PER_REQUEST_META:
+            if isinstance(meta.get(key), list) and len(meta[key]) == self.num_requests:
+                meta[key] = [meta[key][i] for i in idx]
         return Trace(experts, offsets, meta, probs)
+
+    def decode_only(self) -> Trace:
+        """The trace without each request's prompt tokens, where meta `prefill_tokens` (written by
+        `moeinf run --record-trace`) says how many there are; requests left empty are dropped."""
+        prefill = self.meta.get("prefill_tokens")
+        if not isinstance(prefill, list) or len(prefill) != self.num_requests:
+            return self
+        keep = np.ones(self.num_tokens, dtype=bool)
+        lengths = []
+        for i, n in enumerate(prefill):
+            part = self.request_slice(i)
+            n = min(int(n), part.stop - part.start)
+            keep[part.start : part.start + n] = False
+            lengths.append(part.stop - part.start - n)
+        offsets = np.concatenate([[0], np.cumsum([n for n in lengths if n])]).astype(np.int64)
+        meta = {k: v for k, v in self.meta.items() if k not in PER_REQUEST_META}
+        probs = self.probs[keep] if self.probs is not None else None
+        return Trace(self.experts[keep], offsets, meta, probs)
 
 
 def eam(experts: np.ndarray, num_experts: int) -> np.ndarray:
