@@ -67,12 +67,13 @@ def test_decode_only_drops_each_requests_prompt_tokens():
     """Requests of 4, 5, 6 tokens whose first 2, 5, 1 are the prompt (run --record-trace's meta)."""
     reqs = random_requests()
     probs = [np.full(r.shape, i, np.float32) for i, r in enumerate(reqs)]
-    tr = make_trace(reqs, num_experts=6, probs=probs, prefill_tokens=[2, 5, 1])
+    tr = make_trace(reqs, num_experts=6, probs=probs, prefill_tokens=[2, 5, 1], sequences=["a", "b", "c"])
     assert tr.select([2, 0]).meta["prefill_tokens"] == [1, 2]
     dec = tr.decode_only()
     assert dec.num_requests == 2 and dec.seq_offsets.tolist() == [0, 2, 7]  # the second had no answer
     assert np.array_equal(dec.experts[:2], reqs[0][2:]) and np.array_equal(dec.experts[2:], reqs[2][1:])
     assert dec.probs[:2].max() == 0 and dec.probs[2:].min() == 2 and "prefill_tokens" not in dec.meta
+    assert dec.meta["sequences"] == ["a", "c"]
     plain = make_trace(reqs, num_experts=6)
     assert plain.decode_only() is plain  # nothing says which tokens are prompt: all stay
 

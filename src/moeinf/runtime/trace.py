@@ -93,8 +93,12 @@ class Trace:
             n = min(int(n), part.stop - part.start)
             keep[part.start : part.start + n] = False
             lengths.append(part.stop - part.start - n)
-        offsets = np.concatenate([[0], np.cumsum([n for n in lengths if n])]).astype(np.int64)
-        meta = {k: v for k, v in self.meta.items() if k not in PER_REQUEST_META}
+        kept = [i for i, n in enumerate(lengths) if n]
+        offsets = np.concatenate([[0], np.cumsum([lengths[i] for i in kept])]).astype(np.int64)
+        meta = {k: v for k, v in self.meta.items() if k != "prefill_tokens"}
+        for key in PER_REQUEST_META:  # the others stay aligned with the requests kept
+            if isinstance(meta.get(key), list) and len(meta[key]) == self.num_requests:
+                meta[key] = [meta[key][i] for i in kept]
         probs = self.probs[keep] if self.probs is not None else None
         return Trace(self.experts[keep], offsets, meta, probs)
 
