@@ -133,16 +133,18 @@ def test_oracle_runs_under_replay_and_fetches_least(model, tmp_path):
     rng = np.random.default_rng(1)
     requests = [np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(60)])]
     trace_file = write_trace(make_trace(requests * 2, num_experts=E), tmp_path / "t.npz")
-    result = bench(model, policies=["lru", "lfu", "oracle"], routing_trace=str(trace_file), max_tokens=12)
+    policies = ["lru", "lfu", "oracle", "oracle-prefetch"]
+    result = bench(model, policies=policies, routing_trace=str(trace_file), max_tokens=12)
     runs = {p: r[0] for p, r in result["runs"].items()}
     oracle = runs["oracle"]
     # Belady's MIN: no demand-fetching policy (no prefetch, no bypass) fetches fewer, prefill included.
     assert oracle["cache"]["misses"] <= min(runs["lru"]["cache"]["misses"], runs["lfu"]["cache"]["misses"])
     assert oracle["cache"]["misses"] < runs["lru"]["cache"]["misses"]  # the budget is tight enough to tell
     assert oracle["cache"]["prefetch_issued"] == 0 and oracle["decode"]["bypassed"] == 0
-    print({p: (r["decode"]["misses"], r["cache"]["misses"], r["oracle"]) for p, r in runs.items()})
     assert oracle["decode"]["requests"] == runs["lru"]["decode"]["requests"]  # the same routing
     assert "oracle" in result["policies"]
+    ahead = runs["oracle-prefetch"]["decode"]  # the same reads, started before the layers ask
+    assert ahead["prefetch_used"] > 0 and ahead["misses"] < oracle["decode"]["misses"]
     config = BenchConfig(model=model, policies=["oracle"], prompts=list(BUILTIN_PROMPTS[:1]), max_tokens=2)
     with pytest.raises(BadOption, match="routing-trace"):
         in_process(config, "oracle")  # the worker refuses it without a future to know

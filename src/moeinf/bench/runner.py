@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from moeinf.bench.summary import latency_curves, physical_limit, policy_summary
-from moeinf.bench.worker import ALL_RESIDENT
+from moeinf.bench.worker import ALL_RESIDENT, ORACLES
 from moeinf.errors import BadOption, BenchRunFailed
 
 DEFAULT_POLICIES = ("all-resident", "naive", "lru", "lfu", "trace")
@@ -51,19 +51,20 @@ class BenchConfig:
 
 def resolve_policies(names: Sequence[str], *, replay: bool = False) -> tuple[list[str], list[str]]:
     """Known, de-duplicated policy names in order, and notes on those skipped. `oracle` (Belady's MIN)
-    runs only under routing replay (`replay`), where the trace tells it the future."""
+    and `oracle-prefetch` (MIN with perfect foresight two layer steps ahead) run only under routing
+    replay (`replay`), where the trace tells them the future."""
     from moeinf.runtime.policy import POLICIES
 
-    runnable = {ALL_RESIDENT, *POLICIES}
+    runnable = {ALL_RESIDENT, *POLICIES, *ORACLES}
     chosen, notes = [], []
     for raw in names:
         name = raw.strip()
         if not name or name in chosen:
             continue
-        if name == "oracle" and not replay:
+        if name in ORACLES and not replay:
             notes.append(
-                "oracle: runs only with --routing-trace (the replayed trace is its future); without, its "
-                "fetches are still the physical limit's yardstick"
+                f"{name}: runs only with --routing-trace (the replayed trace is its future); without, "
+                "Belady's fetches are still the physical limit's yardstick"
             )
         elif name not in runnable:
             raise BadOption(f"unknown policy {name!r}; choose from: {', '.join(sorted(runnable))}")

@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 
 ALL_RESIDENT = "all-resident"
+# Yardsticks under routing replay (runtime/oracle.py ReplayOracle): Belady's MIN, and MIN that also
+# reads the experts of the next 2 layer steps ahead (perfect foresight: how far reads can hide).
+ORACLES = {"oracle": 0, "oracle-prefetch": 2}
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -41,10 +44,10 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     plans: list = []
     trace = read_trace(config["routing_trace"]) if config.get("routing_trace") else None
     oracle = None
-    if policy == "oracle":
+    if policy in ORACLES:
         if trace is None:
-            raise BadOption("the oracle runs only with --routing-trace: the replayed trace is its future")
-        oracle = ReplayOracle(trace.experts, trace.num_experts)
+            raise BadOption(f"{policy} runs only with --routing-trace: the replayed trace is its future")
+        oracle = ReplayOracle(trace.experts, trace.num_experts, prefetch_layers=ORACLES[policy])
     if policy == ALL_RESIDENT:
         factory = cache_factory(
             ram_mem="100%", gpu_mem="100%", policy="lru", on_plan=lambda p, c: plans.append(p)
@@ -53,7 +56,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         factory = cache_factory(
             ram_mem=config.get("ram_mem"),
             gpu_mem=config.get("gpu_mem"),
-            policy=policy,
+            policy="oracle" if oracle is not None else policy,
             policy_object=oracle,
             on_plan=lambda p, c: plans.append(p),
         )

@@ -21,7 +21,8 @@ def bench(
         str,
         typer.Option(
             "--policies",
-            help="Comma-separated: all-resident,naive,lru,lfu,trace; oracle (Belady) with --routing-trace.",
+            help="Comma-separated: all-resident,naive,lru,lfu,trace; with --routing-trace also oracle "
+            "(Belady's MIN) and oracle-prefetch (MIN reading 2 layer steps ahead: perfect foresight).",
         ),
     ] = "all-resident,naive,lru,lfu,trace",
     ram_mem: Annotated[
