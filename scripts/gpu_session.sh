@@ -6,7 +6,8 @@
 #      2026-11-27 five policies x 3 prompts x 64 tokens did not finish in 240 s, so 32 tokens here);
 #   3. the CUDA-marked tests (expert cache GPU tier, run on CUDA; ~35 s);
 #   4. where a decode step's time goes on CUDA (cProfile, then torch.profiler; ~60 s);
-#   5. the bench at --gpu-mem 25% --ram-mem 100% (PCIe- rather than disk-bound; with Belady run beside
+#   5. the bench at --gpu-mem 25% --ram-mem 100% (PCIe- rather than disk-bound; with Belady, without and
+#      with perfect foresight, run beside
 #      the policies), if time is left.
 # Each stage has its own time limit; a failing stage does not stop the next. Results go to $OUT.
 # Carry: gpu-carry (an ignored folder holding ../shared/traces/gpt-oss-20b.decode.dev.npz) and .whlgpu (cp312 wheels of fastapi, starlette,
@@ -67,7 +68,7 @@ grep -v "^USDT" "$OUT/profile-torch.txt" | head -70
 if [ "$SECONDS" -lt 420 ]; then
   stage "bench: --gpu-mem 25% --ram-mem 100%, replayed"
   timeout $((560 - SECONDS)) python3 -m moeinf.cli.main bench s1 --device cuda --gpu-mem 25% --ram-mem 100% \
-    --policies naive,lru,trace,oracle --routing-trace "$TRACE" --repeat 1 --max-tokens 32 --json \
+    --policies naive,lru,trace,oracle,oracle-prefetch --routing-trace "$TRACE" --repeat 1 --max-tokens 32 --json \
     > "$OUT/bench-gpu25-ram100.json" 2> "$OUT/bench-gpu25-ram100.log"
   tail -3 "$OUT/bench-gpu25-ram100.log"; table "$OUT/bench-gpu25-ram100.json"
 fi
