@@ -11,7 +11,9 @@ Call contract (bench.simulator follows it exactly; learning policies rely on it)
     `choose_victim(can_evict)` with `can_evict` false for the running layer's experts (pinned);
     then always `plan_prefetch(layer, ids)` (the `trace` policy takes it as the end of the layer
     call), whose keys take slots the same way;
-  - optionally (run time), `on_router_lookahead(layer + 1, predicted ids)` before `plan_prefetch`.
+  - optionally (run time), `on_router_lookahead(layer + 1, predicted ids)` before `plan_prefetch` of
+    `layer`; the decoder makes the guess during `layer`'s attention, i.e. before `layer`'s own
+    on_access calls.
 The simulator may call the batched forms instead, `on_accesses(keys, missed)` for a layer call's
 accesses and `replace(key, can_evict)` for choose_victim + on_evict + on_insert, where a policy
 defines them at least as specifically as the hooks they stand for; they must decide exactly as the

@@ -14,11 +14,9 @@ bypasses the cache (a scratch slot, no eviction). The prefetch plan names expert
 whose next-visit probability is high and whose ET is below the current victim's, a few at most, so
 prefetches never push out more useful experts and leave the transfer channel to demand fetches.
 
-Speed: an expert's ET changes only when it is used or when its layer runs without it; it is
-recomputed at each use and then at the visits of its layer r = 1, 2, 3, 4, 6, 8, 12, ... tokens
-after its last use (the hazard flattens, so later changes are small), and kept in a max-heap with
-lazy deletion. O(log n) per event. Pure Python: the reference; runtime/trace_policy_native.py makes
-the same decisions in C for the runtime and the simulator.
+Speed: an ET is recomputed at each use, then at its layer's visits r = 1, 2, 3, 4, 6, 8, 12, ...
+tokens later (the hazard flattens), and kept in a max-heap with lazy deletion. Pure Python: the
+reference; runtime/trace_policy_native.py makes the same decisions in C.
 """
 
 from __future__ import annotations
@@ -260,7 +258,7 @@ class TracePolicy(NextUseEstimates, PolicyBase):
         prev = self._layer_keys.get(self._c)
         if prev:
             due = prev if due is None else due + prev
-        if self._ahead_due:  # looked-ahead experts the layer did not use lose their protection
+        if self._ahead_due:  # unused looked-ahead experts lose their protection (see on_router_lookahead)
             due = self._ahead_due if due is None else due + self._ahead_due
             self._ahead_due = []
         if not due:
@@ -348,6 +346,8 @@ class TracePolicy(NextUseEstimates, PolicyBase):
         return [key for et, key in candidates[: self.prefetch] if et < top[0]]
 
     def on_router_lookahead(self, layer: int, expert_ids: Sequence[int]) -> None:
+        # Replaces the pending guess: in the decoder's order (layer l + 1's guess during layer l's attention)
+        # unused guessed experts keep their lowered ET until re-checked (fewer fetches: BENCHMARKS, issue 8).
         tv = self._t if layer > self._c else self._t + 1
         self._ahead = {ExpertKey(layer, int(e)): tv for e in expert_ids}
         self._ahead_layer = layer
