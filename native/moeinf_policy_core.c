@@ -54,18 +54,19 @@ static int cvec_push(CVec *a, int64_t token, int32_t f) {
 }
 
 /* The common start of every policy object: shape and the ExpertKey objects by flat id. */
-typedef struct {
-    PyObject_HEAD
-    int ready;
-    int L, E, n;
+/* The fields every core starts with (the casts to Base and Simple rely on this prefix). */
+#define BASE_HEAD \
+    PyObject_HEAD \
+    int ready;    \
+    int L, E, n;  \
     PyObject *keytab; /* list of n ExpertKey objects */
+
+typedef struct {
+    BASE_HEAD
 } Base;
 
 typedef struct {
-    PyObject_HEAD
-    int ready;
-    int L, E, n;
-    PyObject *keytab;
+    BASE_HEAD
     /* parameters */
     int bypass, prefetch, rematch_every, streak_lag, has_library;
     double bypass_margin, prefetch_threshold, kappa, lookahead_p, default_rate;
@@ -704,11 +705,17 @@ static Py_ssize_t plan_f(Core *s, long layer, int32_t *out) {
     return nout;
 }
 
+/* The checks and the layer argument of a (layer, expert_ids) method; -1 with an exception set. */
+static int layer_call(Core *s, PyObject *const *args, Py_ssize_t nargs, const char *usage, long *layer) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, usage); return -1; }
+    if (check_ready(s) < 0) return -1;
+    *layer = PyLong_AsLong(args[0]);
+    return *layer == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *Core_plan_prefetch(Core *s, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "plan_prefetch(layer, expert_ids)"); return NULL; }
-    if (check_ready(s) < 0) return NULL;
-    long layer = PyLong_AsLong(args[0]);
-    if (layer == -1 && PyErr_Occurred()) return NULL;
+    long layer;
+    if (layer_call(s, args, nargs, "plan_prefetch(layer, expert_ids)", &layer) < 0) return NULL;
     int32_t small[16], *plan = s->prefetch <= 16 ? small : malloc(s->prefetch * sizeof *plan);
     if (!plan) return PyErr_NoMemory();
     Py_ssize_t np = plan_f(s, layer, plan);
@@ -719,10 +726,8 @@ static PyObject *Core_plan_prefetch(Core *s, PyObject *const *args, Py_ssize_t n
 }
 
 static PyObject *Core_on_router_lookahead(Core *s, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "on_router_lookahead(layer, expert_ids)"); return NULL; }
-    if (check_ready(s) < 0) return NULL;
-    long layer = PyLong_AsLong(args[0]);
-    if (layer == -1 && PyErr_Occurred()) return NULL;
+    long layer;
+    if (layer_call(s, args, nargs, "on_router_lookahead(layer, expert_ids)", &layer) < 0) return NULL;
     if (layer < 0 || layer >= s->L) return PyErr_Format(PyExc_ValueError, "layer %ld outside 0..%d", layer, s->L - 1);
     PyObject *seq = PySequence_Fast(args[1], "expert_ids must be a sequence");
     if (!seq) return NULL;
@@ -1278,12 +1283,10 @@ static Py_ssize_t keys_of(void *obj, PyObject *keys, int32_t *small, int32_t **f
 }
 
 /* The Python-facing hooks of LruCore and LfuCore, through their Ops (`ops` after the Base fields). */
+#define SIMPLE_HEAD BASE_HEAD const Ops *ops;
+
 typedef struct {
-    PyObject_HEAD
-    int ready;
-    int L, E, n;
-    PyObject *keytab;
-    const Ops *ops;
+    SIMPLE_HEAD
 } Simple;
 
 static PyObject *Simple_on_access(Simple *s, PyObject *const *args, Py_ssize_t nargs) {
@@ -1348,16 +1351,22 @@ static PyObject *Simple_simulate(Simple *s, PyObject *args) {
     {"replace", (PyCFunction)(void (*)(void))Simple_replace, METH_FASTCALL, "choose_victim+on_evict+on_insert."}, \
     {"_simulate", (PyCFunction)Simple_simulate, METH_VARARGS, "bench.simulator.simulate's loop, natively."}
 
+/* A simple core's method table (the shared hooks and its own _setup) and type object. */
+#define SIMPLE_POLICY(name, type, what)                                                                \
+    static PyMethodDef type##_methods[] = {                                                            \
+        SIMPLE_METHODS(what),                                                                          \
+        {"_setup", (PyCFunction)type##_setup, METH_VARARGS, "Shape and keys."},                        \
+        {NULL, NULL, 0, NULL},                                                                         \
+    };                                                                                                 \
+    static PyTypeObject type##Type = POLICY_TYPE(name, type, type##_dealloc, type##_methods,           \
+                                                 #type "Policy's state and decisions (runtime/policy_core.py).")
+
 /* --- LruCore: runtime/policy.py's LruPolicy ------------------------------------------------------- */
 
 /* The recency order (oldest first) of the keys the policy was told are resident: a doubly linked
    list over flat ids, as LruPolicy's OrderedDict. */
 typedef struct {
-    PyObject_HEAD
-    int ready;
-    int L, E, n;
-    PyObject *keytab;
-    const Ops *ops;
+    SIMPLE_HEAD
     int32_t *prev, *next;
     uint8_t *in;
     int32_t head, tail;
@@ -1429,14 +1438,7 @@ static void Lru_dealloc(Lru *s) {
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
-static PyMethodDef Lru_methods[] = {
-    SIMPLE_METHODS("least recently used"),
-    {"_setup", (PyCFunction)Lru_setup, METH_VARARGS, "Shape and keys."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject LruType = POLICY_TYPE("LruCore", Lru, Lru_dealloc, Lru_methods,
-                                          "LruPolicy's state and decisions (runtime/policy_core.py).");
+SIMPLE_POLICY("LruCore", Lru, "least recently used");
 
 /* --- LfuCore: runtime/policy.py's LfuPolicy ------------------------------------------------------- */
 
@@ -1445,11 +1447,7 @@ static PyTypeObject LruType = POLICY_TYPE("LruCore", Lru, Lru_dealloc, Lru_metho
 typedef struct { int64_t c, t; int32_t f; } LEnt;
 
 typedef struct {
-    PyObject_HEAD
-    int ready;
-    int L, E, n;
-    PyObject *keytab;
-    const Ops *ops;
+    SIMPLE_HEAD
     int64_t *count, *last, tick;
     uint8_t *resident;
     Py_ssize_t n_resident;
@@ -1560,14 +1558,7 @@ static void Lfu_dealloc(Lfu *s) {
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
-static PyMethodDef Lfu_methods[] = {
-    SIMPLE_METHODS("least frequently used"),
-    {"_setup", (PyCFunction)Lfu_setup, METH_VARARGS, "Shape and keys."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject LfuType = POLICY_TYPE("LfuCore", Lfu, Lfu_dealloc, Lfu_methods,
-                                          "LfuPolicy's state and decisions (runtime/policy_core.py).");
+SIMPLE_POLICY("LfuCore", Lfu, "least frequently used");
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, .m_name = "moeinf_policy_core", .m_doc = NULL, .m_size = -1, .m_methods = NULL,
