@@ -10,13 +10,11 @@ reports the mean top-k overlap between the early guess and the real choice, deco
 from __future__ import annotations
 
 import argparse
-import itertools
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_routing import ASKS, TOPICS  # noqa: E402
+from record_routing import encode_prompt, generated_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -67,16 +65,12 @@ def main() -> None:
     for i in moe:
         layers[i].post_attn_norm.register_forward_pre_hook(watch(i))
     engine.decoder.set_routing_hook(Scorer())
-    rng = random.Random(0)
-    pairs = [(topic, ask) for topic in TOPICS for ask in rng.sample(ASKS, 2)]
     greedy = SamplingParams(temperature=0.0)
-    tok = engine.tokenizer
+    params = GenerationParams(max_tokens=args.tokens, ignore_eos=True, sampling=greedy)
     try:
-        for topic, ask in itertools.islice(itertools.cycle(pairs), args.prompts):
+        for text in generated_prompts(args.prompts):
             engine.reset()
-            chat = [{"role": "user", "content": ask.format(topic)}]
-            ids = tok.encode_chat(chat) if tok.has_chat_template else tok.encode(ask.format(topic))
-            complete(engine, ids, GenerationParams(max_tokens=args.tokens, ignore_eos=True, sampling=greedy))
+            complete(engine, encode_prompt(engine.tokenizer, text), params)
     finally:
         engine.close()
     for ahead, (hit, n) in sorted(overlap.items()):

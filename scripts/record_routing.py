@@ -30,6 +30,20 @@ ASKS = (
 )
 
 
+def generated_prompts(n: int) -> list[str]:
+    """`n` prompts: each topic with two request kinds (fixed seed), repeated as needed."""
+    rng = random.Random(0)
+    pairs = [(topic, ask) for topic in TOPICS for ask in rng.sample(ASKS, 2)]
+    return [ask.format(topic) for topic, ask in itertools.islice(itertools.cycle(pairs), n)]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a user message, through the model's chat template when it has one."""
+    if tokenizer.has_chat_template:
+        return tokenizer.encode_chat([{"role": "user", "content": text}])
+    return tokenizer.encode(text)
+
+
 def main() -> None:
     from moeinf.runtime.cache_plan import cache_factory
     from moeinf.runtime.engine import Engine
@@ -45,9 +59,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="path prefix of the trace files")
     args = ap.parse_args()
 
-    rng = random.Random(0)
-    pairs = [(topic, ask) for topic in TOPICS for ask in rng.sample(ASKS, 2)]
-    prompts = [ask.format(topic) for topic, ask in itertools.islice(itertools.cycle(pairs), args.prompts)]
+    prompts = generated_prompts(args.prompts)
     engine = Engine.load(args.model, device="cpu", provider=cache_factory(ram_mem="100%", policy="lru"))
     spec = engine.spec
     recorder = RoutingRecorder(len(spec.moe_layers), spec.num_experts, spec.top_k)
@@ -60,11 +72,7 @@ def main() -> None:
     try:
         for text in prompts:
             engine.reset()
-            ids = (
-                tok.encode_chat([{"role": "user", "content": text}])
-                if tok.has_chat_template
-                else tok.encode(text)
-            )
+            ids = encode_prompt(tok, text)
             complete(engine, ids, params)
             routing = recorder.end_request()  # [prompt + decode forwards' tokens, L, K]
             requests.append(routing[len(ids) :])  # decode steps only
