@@ -157,6 +157,13 @@ def test_physical_limit_is_the_larger_bound():
     assert limit["ms_per_token"] == pytest.approx(20.0) and limit["tokens_per_s"] == pytest.approx(50.0)
     limit = physical_limit(summaries, bandwidth_bytes_s=1e11, expert_bytes=5_000_000)
     assert limit["ms_per_token"] == pytest.approx(10.0)
+    # Without all-resident the compute part is unknown: no limit (a transfer-only bound of 0.2 ms
+    # would put every policy at a few percent of it), the transfer part still reported.
+    limit = physical_limit(
+        {"lru": {"oracle_fetches_per_token": 4.0}}, bandwidth_bytes_s=1e11, expert_bytes=5_000_000
+    )
+    assert limit["ms_per_token"] is None and limit["tokens_per_s"] is None
+    assert limit["transfer_ms_per_token"] == pytest.approx(0.2)
 
 
 def test_run_figures_per_token_and_percentiles():
@@ -217,3 +224,5 @@ def test_bench_cli_runs_workers_in_subprocesses(model):
     assert run["peak_rss_bytes"] > 0 and run["read_mode"] in ("direct", "buffered")
     rows = table_rows(out)
     assert [row[0] for row in rows] == ["lru", "limit"] and all(len(row) == len(COLUMNS) for row in rows)
+    assert out["limit"]["tokens_per_s"] is None and out["policies"]["lru"]["of_limit"] is None
+    assert any("all-resident" in note for note in out["notes"])

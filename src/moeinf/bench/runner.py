@@ -252,6 +252,10 @@ def run_bench(
     summaries = {p: policy_summary(rs) for p, rs in runs.items()}
     expert_bytes = next(iter(runs.values()))[0]["expert_bytes"] or _expert_bytes(stored)
     limit = physical_limit(summaries, bandwidth_bytes_s=bandwidth["bytes_per_s"], expert_bytes=expert_bytes)
+    if limit["ms_per_token"] is None:
+        config.notes.append(
+            "no physical limit: it needs all-resident in --policies (its compute time per token)"
+        )
     for summary in summaries.values():
         tps = summary["decode_tps"]
         summary["of_limit"] = tps / limit["tokens_per_s"] if limit["tokens_per_s"] and tps else None

@@ -5,7 +5,8 @@ decode tokens/s (all decode tokens / all decode time), per-token latency p10/p50
 steps), and per decode token the cache's requests, hits, fetches (demand misses + prefetches) and
 bytes read; stall share = time waiting for experts / decode time. Per policy: the median of each
 figure over the repeats. The physical limit per token is max(all-resident time per token, oracle
-fetches per token x bytes per expert / store read bandwidth).
+fetches per token x bytes per expert / store read bandwidth); without an all-resident run there is
+none (only the transfer part is reported).
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def physical_limit(
         if oracle_fpt is not None and bandwidth_bytes_s
         else None
     )
-    parts = [x for x in (compute_ms, transfer_ms) if x is not None]
-    limit_ms = max(parts) if parts else None
+    # Without the all-resident run the compute part is unknown, and the transfer part alone (often a
+    # fraction of a millisecond) is no limit worth comparing with: none then.
+    limit_ms = max(compute_ms, transfer_ms or 0.0) if compute_ms is not None else None
     return {
         "compute_ms_per_token": compute_ms,
         "oracle_fetches_per_token": oracle_fpt,
