@@ -18,15 +18,32 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
 from moeinf.bench.simulator import make_sim_policy, simulate
-from moeinf.runtime.routing_counts import routing_statistics
-from moeinf.runtime.trace import read_trace
+from moeinf.runtime.routing_counts import RoutingStats, routing_statistics
+from moeinf.runtime.trace import Trace, read_trace
 from moeinf.runtime.trace_library import TraceLibrary
 
 TIME_MODELS = {"pcie": (0.5, 14.0), "ssd": (0.5, 120.0)}  # (compute ms per layer, transfer ms per expert)
+
+
+def fold_splits(
+    trace: Trace, folds: int, seed: int, requests: int | None = None
+) -> Iterator[tuple[int, Trace, RoutingStats, TraceLibrary]]:
+    """Each fold's (index, its requests, the routing statistics and the trace library of all other
+    folds' requests). The library is copied for every run: a policy learns into it."""
+    n = trace.num_requests if requests is None else min(requests, trace.num_requests)
+    order = np.random.default_rng(seed).permutation(trace.num_requests)[:n]
+    splits = np.array_split(order, folds)
+    for f, test_ids in enumerate(splits):
+        library_ids = sorted(np.concatenate([x for g, x in enumerate(splits) if g != f]).tolist())
+        assert not set(library_ids) & set(test_ids.tolist())
+        library_trace = trace.select(library_ids)
+        routing = routing_statistics(library_trace)  # token-level statistics of the library's traces
+        yield f, trace.select(sorted(test_ids.tolist())), routing, TraceLibrary.from_trace(library_trace)
 
 
 def main() -> None:
@@ -42,20 +59,11 @@ def main() -> None:
     args = ap.parse_args()
 
     trace = read_trace(args.trace)
-    n = trace.num_requests if args.requests is None else min(args.requests, trace.num_requests)
-    order = np.random.default_rng(args.seed).permutation(trace.num_requests)[:n]
-    folds = np.array_split(order, args.folds)
     capacities = [float(c) for c in args.capacities.split(",")]
     policies = args.policies.split(",")
     models = args.time_models.split(",")
     rows = []
-    for f, test_ids in enumerate(folds):
-        test = trace.select(sorted(test_ids.tolist()))
-        library_ids = sorted(np.concatenate([x for g, x in enumerate(folds) if g != f]).tolist())
-        library_trace = trace.select(library_ids)
-        assert not set(library_ids) & set(test_ids.tolist())
-        routing = routing_statistics(library_trace)  # token-level statistics of the library's traces
-        library = TraceLibrary.from_trace(library_trace)  # copied for every run: the policy learns into it
+    for f, test, routing, library in fold_splits(trace, args.folds, args.seed, args.requests):
         layer_calls = int((test.experts >= 0).any(axis=2).sum())
         for capacity in capacities:
             for name in policies:

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from moeinf.bench.simulator import make_sim_policy, simulate
-from moeinf.runtime.routing_counts import routing_statistics
 from moeinf.runtime.trace import Trace, read_trace
-from moeinf.runtime.trace_library import TraceLibrary
 from moeinf.runtime.trace_policy import TracePolicy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate_policies import fold_splits  # noqa: E402
 
 
 def used_at(trace: Trace) -> np.ndarray:
@@ -91,19 +94,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None, help="use only this many requests (quick runs)")
     args = ap.parse_args()
     trace = read_trace(args.trace)
-    order = np.random.default_rng(args.seed).permutation(trace.num_requests)[: args.requests]
-    folds = np.array_split(order, args.folds)
     weights = [float(w) for w in args.weights.split(",")]
     caps = [float(c) for c in args.capacities.split(",")]
     fetches: dict = {}
     precision = {w: [0, 0] for w in [0.0, *weights]}  # w = 0: today's predictor
-    for f, test_ids in enumerate(folds):
-        test = trace.select(sorted(test_ids.tolist()))
-        library_trace = trace.select(
-            sorted(np.concatenate([x for g, x in enumerate(folds) if g != f]).tolist())
-        )
-        routing = routing_statistics(library_trace)
-        library = TraceLibrary.from_trace(library_trace)
+    for f, test, routing, library in fold_splits(trace, args.folds, args.seed, args.requests):
         used = used_at(test)
         for w, (h, n) in mixed_precision(test, routing.cross, list(precision)).items():
             precision[w][0] += h
