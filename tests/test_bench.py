@@ -19,7 +19,7 @@ from moeinf.bench.synthetic import parse_shape
 from moeinf.bench.workload import BUILTIN_PROMPTS, read_prompts
 from moeinf.cli.bench import COLUMNS, table_rows
 from moeinf.cli.main import app
-from moeinf.errors import BadOption
+from moeinf.errors import BadOption, BenchRunFailed
 from moeinf.runtime.trace import make_trace, write_trace
 from moeinf.store import Store
 
@@ -148,6 +148,46 @@ def test_oracle_runs_under_replay_and_fetches_least(model, tmp_path):
     config = BenchConfig(model=model, policies=["oracle"], prompts=list(BUILTIN_PROMPTS[:1]), max_tokens=2)
     with pytest.raises(BadOption, match="routing-trace"):
         in_process(config, "oracle")  # the worker refuses it without a future to know
+
+
+def test_all_resident_is_skipped_when_the_experts_do_not_fit(model):
+    """On a model larger than memory (moeinf's case) the all-resident yardstick is refused by the
+    cache plan; the bench goes on without it and says why, instead of failing or swapping."""
+
+    def worker_without_room(config: BenchConfig, policy: str) -> dict:
+        if policy == "all-resident":
+            message = (
+                "bench run of all-resident: RAM budget 100% needs 90.0 GiB for 768 experts, but only 30.0 GiB"
+            )
+            raise BenchRunFailed(message, kind="BudgetTooLarge")
+        return in_process(config, policy)
+
+    config = BenchConfig(
+        model=model, policies=["all-resident", "lru"], prompts=list(BUILTIN_PROMPTS[:1]), max_tokens=3
+    )
+    config.repeat = 2
+    result = run_bench(config, worker=worker_without_room)
+    assert list(result["policies"]) == ["lru"] and len(result["runs"]["lru"]) == 2
+    assert any(n.startswith("skipped: bench run of all-resident: RAM budget 100%") for n in result["notes"])
+    assert result["limit"]["tokens_per_s"] is None
+    with pytest.raises(BenchRunFailed, match="disk"):  # any other failure still stops the bench
+
+        def failing(config: BenchConfig, policy: str) -> dict:
+            raise BenchRunFailed("bench run of all-resident: disk", kind="OSError")
+
+        run_bench(
+            BenchConfig(model=model, policies=["all-resident"], prompts=["x"], max_tokens=3), worker=failing
+        )
+
+
+def test_worker_reports_the_error_class(model, monkeypatch, capsys):
+    import io
+
+    config = {"model": model, "policy": "oracle", "prompts": [["p", "x"]], "max_tokens": 2, "device": "cpu"}
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(config)))
+    assert worker.main() == 1
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["kind"] == "BadOption" and "routing-trace" in out["error"]
 
 
 def test_physical_limit_is_the_larger_bound():

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from moeinf.errors import BadOption, BudgetTooSmall, DenseDoesNotFit
+from moeinf.errors import BadOption, BudgetTooLarge, BudgetTooSmall, DenseDoesNotFit
 from moeinf.models.adapters import adapter_for
+from moeinf.runtime import cache_plan
 from moeinf.runtime.cache_plan import describe, plan_cache
 from tests.fixtures.checkpoints import tiny_config
 
@@ -46,6 +47,26 @@ def test_bad_values_are_clear(spec):
         plan(spec, ram_mem="lots")
     with pytest.raises(BadOption, match="unknown policy"):
         plan(spec, policy="mru")
+
+
+def test_budget_beyond_available_memory_is_refused(spec, monkeypatch):
+    """A model larger than memory with --ram-mem 100% (or the bench's all-resident) must fail up front,
+    not fill RAM expert by expert until the OS swaps or kills it; what fits still works."""
+    n = spec.num_experts * len(spec.moe_layers)
+    slot = plan(spec, ram_mem="100%").slot_bytes
+    monkeypatch.setattr(cache_plan, "available_ram", lambda: 1000 + (n // 2) * slot)  # dense 1000 B + half
+    with pytest.raises(BudgetTooLarge, match="lower --ram-mem, or leave it out") as err:
+        plan(spec, ram_mem="100%")
+    assert f"{n} experts" in str(err.value) and "beside the dense weights" in str(err.value)
+    assert plan(spec, ram_mem="50%").slots == n // 2  # exactly what is available
+    with pytest.raises(BudgetTooLarge):
+        plan(spec, ram_mem=str(n * slot))  # in bytes too
+
+
+def test_gpu_budget_beyond_free_gpu_memory_is_refused(spec, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**34))
+    with pytest.raises(BudgetTooLarge, match="--gpu-mem"):
+        plan_cache(spec, dense_bytes=1000, device=torch.device("cuda"), dtype=torch.float32, gpu_mem="100%")
 
 
 def test_dense_that_cannot_fit(spec):

@@ -125,6 +125,13 @@ class BudgetTooSmall(MoeinfError):
     exit_code = 2
 
 
+class BudgetTooLarge(MoeinfError):
+    """A memory budget larger than the memory available for it: honouring it would swap or get the
+    process killed, so it is refused before anything is allocated."""
+
+    exit_code = 2
+
+
 class DenseDoesNotFit(MoeinfError):
     """The dense (non-expert) weights alone exceed the memory available on the compute device."""
 
@@ -187,4 +194,9 @@ class MissingDependency(MoeinfError):
 
 
 class BenchRunFailed(MoeinfError):
-    """A measured `moeinf bench` run (its worker process) failed; the message says which and why."""
+    """A measured `moeinf bench` run (its worker process) failed; the message says which and why, `kind`
+    names the worker's error class when it raised one."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -189,7 +189,7 @@ def run_worker(config: BenchConfig, policy: str) -> dict[str, Any]:
         raise BenchRunFailed(f"bench run of {policy} failed (exit {proc.returncode}): {tail}")
     result = json.loads(lines[-1])
     if "error" in result:
-        raise BenchRunFailed(f"bench run of {policy}: {result['error']}")
+        raise BenchRunFailed(f"bench run of {policy}: {result['error']}", kind=result.get("kind"))
     return result
 
 
@@ -231,14 +231,22 @@ def run_bench(
     library = LibrarySnapshot(stored)
     try:
         for r in range(config.repeat):
-            for policy in config.policies:
+            for policy in list(config.policies):
                 if config.cold:
                     drop_page_cache()
                 library.restore()  # every run of `trace` starts from the library as it was
                 if r or policy != config.policies[0]:
                     probes.append(measure_read_bandwidth(stored, seed=len(probes)))
                 say(f"run {r + 1}/{config.repeat}: {policy}")
-                runs[policy].append(worker(config, policy))
+                try:
+                    runs[policy].append(worker(config, policy))
+                except BenchRunFailed as exc:
+                    if policy != ALL_RESIDENT or exc.kind != "BudgetTooLarge":
+                        raise
+                    # A model larger than memory, the case moeinf is for: no all-resident yardstick.
+                    config.policies.remove(policy)
+                    del runs[policy]
+                    config.notes.append(f"skipped: {exc}")
     finally:
         library.restore()  # the bench leaves the model's trace library as it found it
 

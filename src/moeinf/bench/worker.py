@@ -245,7 +245,10 @@ def main() -> int:
     try:
         result = run(config)
     except MoeinfError as exc:
-        print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}), flush=True)
+        print(
+            json.dumps({"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}),
+            flush=True,
+        )
         return 1
     result["wall_s"] = time.perf_counter() - start
     print(json.dumps(result), flush=True)

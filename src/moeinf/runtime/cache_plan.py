@@ -1,7 +1,8 @@
 """Turning `--ram-mem` / `--gpu-mem` / `--policy` into an expert cache for one stored model.
 
 Decides the tiers (CPU: RAM is the compute tier; CUDA: GPU slots in front of pinned RAM slots), their
-slot counts from the budgets (or from free memory when none is given) and says why, for --verbose.
+slot counts from the budgets (or from free memory when none is given) and says why, for --verbose;
+a budget larger than the memory available for it is refused.
 A percentage budget is a share of the model's routed experts: `25%` holds a quarter of them.
 """
 
@@ -13,7 +14,7 @@ from functools import partial
 
 import torch
 
-from moeinf.errors import DenseDoesNotFit
+from moeinf.errors import BudgetTooLarge, DenseDoesNotFit
 from moeinf.models.spec import ModelSpec
 from moeinf.runtime.budget import default_budget_bytes, format_bytes, parse_size, slots_for
 from moeinf.runtime.expert_cache import ExpertCache
@@ -105,6 +106,17 @@ def plan_cache(
             nbytes = size.resolve(total)
             reasons.append(f"{what} budget {format_bytes(nbytes)} (from {size})")
         slots = slots_for(nbytes, slot_bytes, num_experts_total=n_experts, min_slots=spec.top_k, what=what)
+        if budget is not None and slots * slot_bytes > available - dense:
+            # The default budget fits by construction; an explicit one (or the bench's all-resident
+            # 100%) on a model larger than memory would fill it expert by expert until the OS swaps or
+            # kills the process: refused now, with what would fit.
+            beside = f" beside the dense weights ({format_bytes(dense)})" if dense else ""
+            flag = "--gpu-mem" if what == "GPU" else "--ram-mem"
+            need, left = format_bytes(slots * slot_bytes), format_bytes(max(0, available - dense))
+            raise BudgetTooLarge(
+                f"{what} budget {size} needs {need} for {slots} experts, but only {left} of {what} is "
+                f"available{beside}: lower {flag}, or leave it out to use what fits"
+            )
         reasons.append(
             f"{what} tier: {slots} of {n_experts} experts ({100 * slots / n_experts:.1f}%), "
             f"{format_bytes(slot_bytes)} per slot"
