@@ -118,3 +118,20 @@ def test_record_trace_into_a_directory_is_refused(checkpoint, tmp_path):
     ckpt = str(checkpoint("mixtral"))
     result = CliRunner().invoke(app, ["run", ckpt, "hi", "--record-trace", str(tmp_path)])
     assert result.exit_code != 0 and "is a directory" in result.output
+
+
+def test_budget_beyond_available_ram_is_a_clear_error(checkpoint, monkeypatch):
+    """--ram-mem 100% on a model bigger than the RAM available: exit 2 saying what to do, before any
+    expert is loaded (the machine is made small: 1 KiB available beside the dense weights)."""
+    from moeinf.runtime import cache_plan
+
+    plan_cache = cache_plan.plan_cache
+
+    def on_a_small_machine(spec, *, dense_bytes, **kw):
+        monkeypatch.setattr(cache_plan, "available_ram", lambda: dense_bytes + 1024)
+        return plan_cache(spec, dense_bytes=dense_bytes, **kw)
+
+    monkeypatch.setattr(cache_plan, "plan_cache", on_a_small_machine)
+    result = CliRunner().invoke(app, ["run", str(checkpoint("mixtral")), "hi", "--ram-mem", "100%"])
+    assert result.exit_code == 2, result.output
+    assert "Error: RAM budget 100% needs" in result.stderr and "lower --ram-mem" in result.stderr
