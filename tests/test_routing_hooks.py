@@ -83,3 +83,35 @@ def test_trace_file_recorder_writes_every_finished_request(tmp_path):
     both = read_trace(path)  # rewritten with both requests
     assert both.seq_offsets.tolist() == [0, 3, 4] and both.meta["prefill_tokens"] == [2, 1]
     assert both.experts[3].tolist() == [[3, 2], [0, 1]] and both.probs is not None
+
+
+def test_trace_file_recorder_takes_the_prompt_length_from_generation(tmp_path):
+    """A long prompt is prefilled in chunks (several forwards): `prompt_done` gives the whole prompt."""
+    path = tmp_path / "routing.npz"
+    rec = TraceFileRecorder(path, num_moe_layers=1, num_experts=4, top_k=2)
+    rec.start_request()
+    forward(rec, [torch.tensor([[0, 1], [2, 3]])])  # prefill chunk 1
+    forward(rec, [torch.tensor([[1, 2]])])  # prefill chunk 2
+    rec.prompt_done(3)
+    forward(rec, [torch.tensor([[0, 3]])])  # decode
+    rec.end_request()
+    trace = read_trace(path)
+    assert trace.meta["prefill_tokens"] == [3] and trace.decode_only().num_tokens == 1
+
+
+def test_engine_tells_the_recorder_a_chunked_prompt_whole(checkpoint, tmp_path):
+    from moeinf.runtime.engine import Engine
+    from moeinf.runtime.generate import GenerationParams, generate
+
+    engine = Engine.load(str(checkpoint("mixtral")), device="cpu")
+    spec = engine.spec
+    shape = {"num_moe_layers": len(spec.moe_layers), "num_experts": spec.num_experts, "top_k": spec.top_k}
+    rec = TraceFileRecorder(tmp_path / "r.npz", **shape)
+    engine.request_listeners.append(rec)
+    engine.decoder.set_routing_hook(rec)
+    engine.decoder.prefill_chunk = 4  # a 10-token prompt runs as 4 + 4 + 2
+    params = GenerationParams(max_tokens=5, ignore_eos=True)
+    steps = list(generate(engine, list(range(3, 13)), params))
+    trace = read_trace(tmp_path / "r.npz")
+    assert len(steps) == 5 and trace.meta["prefill_tokens"] == [10]
+    assert trace.decode_only().num_tokens == 4  # the last answer token is never run

@@ -235,6 +235,14 @@ class Engine:
         for listener in self.request_listeners:
             listener.start_request()
 
+    def prompt_done(self, tokens: int) -> None:
+        """Generation has run the request's prompt (`tokens` of it; a reused prefix is not run again):
+        listeners that split prompt from answer (`prompt_done`) hear of it."""
+        for listener in self.request_listeners:
+            note = getattr(listener, "prompt_done", None)
+            if note is not None:
+                note(tokens)
+
     def end_request(self) -> None:
         if isinstance(self.provider, RequestAware):
             self.provider.end_request()

@@ -35,7 +35,8 @@ class StepDecoder(Protocol):
 
 
 class GenerationTarget(Protocol):
-    """What `generate` needs of a loaded model (moeinf.runtime.engine.Engine)."""
+    """What `generate` needs of a loaded model (moeinf.runtime.engine.Engine). Optional: `prompt_done(
+    tokens)`, called once the prompt has run (routing-trace recorders split prompt from answer there)."""
 
     decoder: StepDecoder
     tokenizer: TokenDecoder
@@ -171,6 +172,9 @@ def generate(
     try:
         logits, reused = prefill(target, prompt_ids)  # [V]
         length = len(prompt_ids)
+        prompt_done = getattr(target, "prompt_done", None)  # optional (Engine has it)
+        if prompt_done is not None:
+            prompt_done(length - reused)
 
         prompt_s = decode_s = 0.0
         index = 0

@@ -82,7 +82,9 @@ class TraceFileRecorder(RoutingRecorder):
     """A `RoutingRecorder` that is also told of request boundaries (`Engine.request_listeners`) and
     rewrites `path` after every request with all requests so far: every token the model processed,
     prompt and generated, with the router's weights; meta `prefill_tokens` gives each request's prompt
-    part (its first forward). Written atomically: an interrupted run leaves the last complete file."""
+    part: the tokens generation says it prefilled (`prompt_done`; a long prompt runs in several
+    forwards of `PREFILL_CHUNK` tokens), else its first forward. Written atomically: an interrupted
+    run leaves the last complete file."""
 
     def __init__(self, path, num_moe_layers: int, num_experts: int, top_k: int, **meta) -> None:
         super().__init__(num_moe_layers, num_experts, top_k)
@@ -90,6 +92,7 @@ class TraceFileRecorder(RoutingRecorder):
         self.meta = meta
         self.prefill_tokens: list[int] = []
         self._first = 0  # tokens of the request's first forward
+        self._prompt: int | None = None  # tokens prefilled, as told by `prompt_done`
 
     def on_route(
         self, moe_index: int, weights: torch.Tensor, ids: torch.Tensor
@@ -98,13 +101,18 @@ class TraceFileRecorder(RoutingRecorder):
             self._first = ids.shape[0]
         return super().on_route(moe_index, weights, ids)
 
+    def prompt_done(self, tokens: int) -> None:
+        """The request's prompt is in: `tokens` were run through the model (a reused prefix is not)."""
+        self._prompt = tokens
+
     def start_request(self) -> None:
         pass
 
     def end_request(self) -> np.ndarray | None:
         routing = super().end_request()
+        prompt, self._prompt = self._prompt, None
         if routing is not None:
-            self.prefill_tokens.append(self._first)
+            self.prefill_tokens.append(self._first if prompt is None else prompt)
             try:
                 write_trace(self.trace(**self.meta, prefill_tokens=self.prefill_tokens), self.path)
             except OSError as e:
