@@ -115,3 +115,21 @@ def test_engine_tells_the_recorder_a_chunked_prompt_whole(checkpoint, tmp_path):
     trace = read_trace(tmp_path / "r.npz")
     assert len(steps) == 5 and trace.meta["prefill_tokens"] == [10]
     assert trace.decode_only().num_tokens == 4  # the last answer token is never run
+
+
+def test_trace_file_recorder_hands_a_failed_write_to_on_error(tmp_path):
+    """`moeinf run` fails on a trace it cannot write; a server logs it and keeps answering."""
+    from moeinf.errors import MoeinfError
+
+    (tmp_path / "file").write_text("x")
+    path = tmp_path / "file" / "r.npz"  # its folder is a file: the write fails
+    errors = []
+    for on_error in (errors.append, None):
+        rec = TraceFileRecorder(path, num_moe_layers=1, num_experts=4, top_k=2, on_error=on_error)
+        rec.start_request()
+        forward(rec, [torch.tensor([[0, 1]])])
+        if on_error is None:
+            with pytest.raises(MoeinfError, match="cannot write the routing trace"):
+                rec.end_request()
+        else:
+            assert rec.end_request() is not None and "cannot write" in str(errors[0])

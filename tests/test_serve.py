@@ -424,6 +424,31 @@ def test_serve_command_wires_flags_and_environment(home, monkeypatch):
     assert bad.exit_code == 2 and "policy" in bad.stderr
 
 
+def test_record_trace_writes_each_models_routing(home, tmp_path, monkeypatch):
+    """--record-trace FOLDER: every request's routing, prompt part as the server counted it, in one file
+    per model and server run (for `moeinf trace simulate`); a file instead of a folder is refused."""
+    from moeinf.runtime.trace import read_trace
+
+    captured = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
+    monkeypatch.setenv("MOEINF_HOME", str(home))
+    folder = tmp_path / "traces"
+    args = ["serve", "--record-trace", str(folder), "--ram-mem", "50%", "--device", "cpu"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    with serving(captured["app"]) as base:
+        answers = [generate(base, p, options={"num_predict": 3}) for p in ("one two three", "four five six")]
+    files = list(folder.glob("olmoe-*.npz"))
+    assert len(files) == 1
+    trace = read_trace(files[0])
+    assert trace.num_requests == 2 and trace.meta["model"] == "olmoe"
+    assert trace.meta["prefill_tokens"] == [a["prompt_eval_count"] for a in answers]
+    assert trace.decode_only().num_tokens == sum(a["eval_count"] - 1 for a in answers)
+    (tmp_path / "file").write_text("x")
+    bad = CliRunner().invoke(cli_app, ["serve", "--record-trace", str(tmp_path / "file")])
+    assert bad.exit_code == 2 and "is a file" in bad.stderr
+
+
 def test_pull_streams_progress_then_delete(url, checkpoint, monkeypatch):
     with HubServer() as hub:
         hub.add_repo("test/olmoe-hub", checkpoint("olmoe"))

@@ -63,6 +63,14 @@ def serve(
     ] = 16,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted.")] = "8MiB",
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    record_trace: Annotated[
+        str | None,
+        typer.Option(
+            "--record-trace",
+            help="Folder: write each model's routing (every request) to <model>-<start time>.npz in it, "
+            "for `moeinf trace simulate`.",
+        ),
+    ] = None,
 ) -> None:
     """Serve models over HTTP: ollama's API (/api/*) and OpenAI's (/v1/*), one request at a time."""
     with ui.errors():
@@ -85,8 +93,16 @@ def serve(
         body_limit = parse_size(max_body)
         if body_limit.bytes is None:
             raise BadOption(f"--max-body needs a size in bytes (like 8MiB), got {max_body!r}")
+        if record_trace is not None:
+            record_trace = str(_trace_folder(record_trace))
         load = LoadOptions(
-            device=device, threads=threads, num_ctx=num_ctx, ram_mem=ram_mem, gpu_mem=gpu_mem, policy=policy
+            device=device,
+            threads=threads,
+            num_ctx=num_ctx,
+            ram_mem=ram_mem,
+            gpu_mem=gpu_mem,
+            policy=policy,
+            record_trace=record_trace,
         )
         load.validate()
         if model is not None:
@@ -109,6 +125,25 @@ def serve(
         # On Ctrl-C, streams still open get a few seconds to finish before they are cut.
         app = create_app(config)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _trace_folder(path: str):
+    """--record-trace: the folder (created if missing), refused now rather than at the first request."""
+    import os
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise BadOption(
+            f"--record-trace {path} is a file; give a folder (each model gets its own trace file)"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadOption(f"--record-trace {path}: cannot create it ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise BadOption(f"--record-trace {path}: cannot write in it")
+    return folder.resolve()
 
 
 def _log_to_stderr(level: str) -> None:

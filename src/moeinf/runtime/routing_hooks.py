@@ -10,7 +10,7 @@ trace file after every request (`moeinf run --record-trace`). T tokens, K top-k,
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -86,10 +86,20 @@ class TraceFileRecorder(RoutingRecorder):
     forwards of `PREFILL_CHUNK` tokens), else its first forward. Written atomically: an interrupted
     run leaves the last complete file."""
 
-    def __init__(self, path, num_moe_layers: int, num_experts: int, top_k: int, **meta) -> None:
+    def __init__(
+        self,
+        path,
+        num_moe_layers: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        on_error: Callable[[MoeinfError], None] | None = None,
+        **meta,
+    ) -> None:
         super().__init__(num_moe_layers, num_experts, top_k)
         self.path = path
         self.meta = meta
+        self.on_error = on_error  # a write that fails goes there (a server logs it), else it is raised
         self.prefill_tokens: list[int] = []
         self._first = 0  # tokens of the request's first forward
         self._prompt: int | None = None  # tokens prefilled, as told by `prompt_done`
@@ -116,8 +126,11 @@ class TraceFileRecorder(RoutingRecorder):
             try:
                 write_trace(self.trace(**self.meta, prefill_tokens=self.prefill_tokens), self.path)
             except OSError as e:
-                error = DiskFull if e.errno == errno.ENOSPC else MoeinfError
-                raise error(f"cannot write the routing trace {self.path}: {e.strerror}") from None
+                kind = DiskFull if e.errno == errno.ENOSPC else MoeinfError
+                error = kind(f"cannot write the routing trace {self.path}: {e.strerror}")
+                if self.on_error is None:
+                    raise error from None
+                self.on_error(error)
         return routing
 
 

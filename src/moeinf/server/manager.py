@@ -3,6 +3,7 @@
 Loading another model unloads the first; after each request the model stays loaded for its keep-alive
 (the request's `keep_alive`, else the server's `--keep-alive`), then the worker unloads it. Models are
 opened from the store and never pulled implicitly (a request for a model that is not there is a 404).
+With `record_trace` every request's routing goes to a trace file per model and server run.
 Everything except `snapshot()` runs on the worker thread (moeinf.server.queue.Worker).
 """
 
@@ -14,12 +15,14 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moeinf.store import Store, StoredModel
 
 if TYPE_CHECKING:
     from moeinf.runtime.engine import Engine, ProviderFactory
+    from moeinf.runtime.routing_hooks import TraceFileRecorder
 
 log = logging.getLogger("moeinf.server")
 
@@ -34,6 +37,7 @@ class LoadOptions:
     ram_mem: str | None = None
     gpu_mem: str | None = None
     policy: str | None = None
+    record_trace: str | None = None  # a folder: each model's routing goes to <model>-<server start>.npz
 
     def provider(self) -> ProviderFactory:
         """The expert cache, as `run` uses it: budgets default to free memory, the policy to lru."""
@@ -82,6 +86,9 @@ class ModelManager:
         self._expires = math.inf  # time.monotonic() deadline of the loaded model
         self._snapshot: Loaded | None = None
         self._lock = threading.Lock()
+        # --record-trace: one recorder per model for the server's life (a reload keeps appending to it).
+        self._recorders: dict[str, TraceFileRecorder] = {}
+        self._started = time.strftime("%Y%m%d-%H%M%S")
 
     def open(self, name: str) -> StoredModel:
         """The stored model `name` (ModelNotFound when it is not in the store: no implicit pull)."""
@@ -110,10 +117,39 @@ class ModelManager:
             provider=self.options.provider(),
         )
         self.engine = engine
+        self._record(engine)
         self._expires = math.inf
         self._publish()
         log.info("loaded %s on %s (%s) in %.2f s", engine.name, engine.device, engine.dtype, engine.load_s)
         return engine, engine.load_s
+
+    def _record(self, engine: Engine) -> None:
+        """--record-trace: every request's routing (prompt and answer) to the model's trace file, rewritten
+        after each request; a file per model and server run, so nothing earlier is overwritten."""
+        folder = self.options.record_trace
+        if folder is None:
+            return
+        from moeinf.runtime.routing_hooks import TraceFileRecorder
+
+        spec = engine.spec
+        shape = {"num_moe_layers": len(spec.moe_layers), "num_experts": spec.num_experts, "top_k": spec.top_k}
+        recorder = self._recorders.get(engine.name)
+        if recorder is None or (recorder.num_moe_layers, recorder.num_experts, recorder.top_k) != tuple(
+            shape.values()
+        ):  # new, or the model was replaced by another shape under the same name: a new file
+            again = "" if recorder is None else time.strftime("-%H%M%S")  # replaced: never the same file
+            path = Path(folder) / f"{engine.name}-{self._started}{again}.npz"
+            recorder = TraceFileRecorder(
+                path, **shape, on_error=self._trace_write_failed, model=engine.name, source="moeinf serve"
+            )
+            self._recorders[engine.name] = recorder
+            log.info("recording %s's routing to %s", engine.name, path)
+        engine.request_listeners.append(recorder)
+        engine.decoder.set_routing_hook(recorder)
+
+    @staticmethod
+    def _trace_write_failed(error: Exception) -> None:
+        log.error("%s (the answer was not affected)", error)  # the client's request still succeeds
 
     def release(self, keep_alive: float | None = None) -> None:
         """A request is done with the engine: keep it for `keep_alive` seconds (None: the server's)."""
