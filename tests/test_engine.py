@@ -120,3 +120,37 @@ def test_trace_policy_only_records_when_every_expert_fits(checkpoint):
             engine.close()
     assert any("only records" in line for line in describe(plans[0]))
     assert not any("only records" in line for line in describe(plans[1]))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])  # GQA keys/values, MLA latent + rope key
+def test_kv_cache_size_is_known_before_allocating(family):
+    from transformers import AutoConfig
+
+    from moeinf.models.adapters import adapter_for
+    from moeinf.runtime import kv_cache
+    from tests.fixtures.checkpoints import tiny_config
+
+    config = AutoConfig.for_model(family, **tiny_config(family)).to_dict()
+    spec = adapter_for(config).spec(config)
+    for dtype in (torch.float32, torch.bfloat16):
+        caches = kv_cache.allocate(spec, 48, torch.device("cpu"), dtype)
+        assert kv_cache.bytes_for(spec, 48, dtype) == kv_cache.nbytes(caches)
+
+
+def test_context_whose_kv_cache_does_not_fit_is_refused_before_allocating(checkpoint, monkeypatch):
+    """A --num-ctx whose KV cache exceeds the memory left beside the dense weights: a clear error, not
+    a zeroed allocation that swaps; the expert budget is planned after the KV cache is taken."""
+    from moeinf.errors import KVCacheDoesNotFit
+    from moeinf.runtime import cache_plan, kv_cache
+    from moeinf.store import Store
+
+    ckpt = str(checkpoint("mixtral"))
+    Engine.load(ckpt, device="cpu", context_length=8)  # pulled into the store
+    stored = Store().open("mixtral")
+    dense = cache_plan.dense_bytes_for(stored, torch.float32)
+    kv = kv_cache.bytes_for(stored.manifest.spec, 256, torch.float32)
+    monkeypatch.setattr(cache_plan, "available_ram", lambda: dense + kv - 1)
+    with pytest.raises(KVCacheDoesNotFit, match="context of 256 tokens needs .* lower --num-ctx"):
+        Engine.load("mixtral", device="cpu", dtype="float32", context_length=256)
+    monkeypatch.setattr(cache_plan, "available_ram", lambda: dense + kv)
+    assert Engine.load("mixtral", device="cpu", dtype="float32", context_length=256).context_length == 256

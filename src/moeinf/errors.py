@@ -132,6 +132,12 @@ class BudgetTooLarge(MoeinfError):
     exit_code = 2
 
 
+class KVCacheDoesNotFit(MoeinfError):
+    """The KV cache of the requested context length exceeds the memory left beside the dense weights."""
+
+    exit_code = 2
+
+
 class DenseDoesNotFit(MoeinfError):
     """The dense (non-expert) weights alone exceed the memory available on the compute device."""
 

@@ -90,8 +90,10 @@ class Decoder(nn.Module):
         device: torch.device | str,
         dtype: torch.dtype,
         max_seq_len: int,
+        caches: list[kv_cache.LayerCache] | None = None,
     ) -> Decoder:
-        """Decoder on `device` with `dense` (canonical name -> tensor, any device/dtype) assigned."""
+        """Decoder on `device` with `dense` (canonical name -> tensor, any device/dtype) assigned; its KV
+        cache is `caches` (allocated by the caller for `max_seq_len`) or a new one."""
         if max_seq_len > spec.max_position_embeddings:
             raise ContextTooLong(
                 f"a context of {max_seq_len} tokens exceeds the model's limit of "
@@ -127,7 +129,7 @@ class Decoder(nn.Module):
                 layer.moe.holding = decoder.native_decode and isinstance(provider, HoldingProvider)
         decoder.requires_grad_(False)
         decoder.rotary = RotaryTable(spec.attention.rope, max_seq_len, device, dtype)
-        decoder.caches = kv_cache.allocate(spec, max_seq_len, device, dtype)
+        decoder.caches = caches if caches is not None else kv_cache.allocate(spec, max_seq_len, device, dtype)
         decoder.max_seq_len, decoder.device, decoder.dtype = max_seq_len, device, dtype
         return decoder.eval()
 
@@ -240,8 +242,10 @@ def load_decoder(
     device: torch.device | str,
     dtype: torch.dtype,
     max_seq_len: int,
+    caches: list[kv_cache.LayerCache] | None = None,
 ) -> Decoder:
-    """Decoder for a pulled model: dense.safetensors read tensor by tensor onto `device`."""
+    """Decoder for a pulled model: dense.safetensors read tensor by tensor onto `device` (KV cache:
+    `caches`, else a new one)."""
     from safetensors import safe_open
 
     spec: ModelSpec = stored_model.manifest.spec
@@ -255,4 +259,6 @@ def load_decoder(
             tensor = f.get_tensor(name)
             keep = may_keep_half and tensor.dtype in HALF_DTYPES
             dense[name] = tensor.to(device) if keep else tensor.to(device, weight_dtype(spec, name, dtype))
-    return Decoder.build(spec, dense, provider, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    return Decoder.build(
+        spec, dense, provider, device=device, dtype=dtype, max_seq_len=max_seq_len, caches=caches
+    )

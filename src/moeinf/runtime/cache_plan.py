@@ -56,6 +56,19 @@ def available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes that can be allocated on `device` now, and what that memory is called in messages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], "GPU"
+    return available_ram(), "RAM"
+
+
+def dense_bytes_for(stored, dtype: torch.dtype) -> int:
+    """The dense weights' size once loaded in `dtype` (from the stored file's size and dtype)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return stored.dense_path.stat().st_size * itemsize // torch_dtype(stored.manifest.spec.dtype).itemsize
+
+
 def slot_dtype(stored: str, device: torch.device, compute: torch.dtype) -> torch.dtype:
     """The dtype experts are kept in on the compute tier.
 
@@ -235,11 +248,9 @@ def cache_factory(
 
     def make(stored, device: torch.device, dtype: torch.dtype) -> ExpertCache:
         spec = stored.manifest.spec
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        dense_bytes = stored.dense_path.stat().st_size * itemsize // torch_dtype(spec.dtype).itemsize
         plan = plan_cache(
             spec,
-            dense_bytes=dense_bytes,
+            dense_bytes=dense_bytes_for(stored, dtype),
             device=device,
             dtype=slot_dtype(spec.dtype, device, dtype),
             ram_mem=ram_mem,

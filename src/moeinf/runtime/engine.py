@@ -174,6 +174,8 @@ class Engine:
         """Open (pulling first if needed) and load a model. `progress` is passed to `pull`."""
         from moeinf.models.transformer import load_decoder
         from moeinf.names import resolve_name
+        from moeinf.runtime import kv_cache
+        from moeinf.runtime.cache_plan import dense_bytes_for
         from moeinf.store import Store
 
         start = time.perf_counter()
@@ -197,8 +199,14 @@ class Engine:
             from moeinf.runtime.resident import ResidentProvider
 
             provider = ResidentProvider
+        # The KV cache first (checked against the memory left beside the dense weights, then zeroed):
+        # the expert budget planned next then sees the memory it really has.
+        dense = dense_bytes_for(stored, torch_dtype)
+        caches = kv_cache.allocate_within(spec, context, torch_device, torch_dtype, beside=dense)
         experts = provider(stored, torch_device, torch_dtype)
-        decoder = load_decoder(stored, experts, device=torch_device, dtype=torch_dtype, max_seq_len=context)
+        decoder = load_decoder(
+            stored, experts, device=torch_device, dtype=torch_dtype, max_seq_len=context, caches=caches
+        )
         if isinstance(experts, LookaheadProvider) and experts.wants_lookahead:
             decoder.enable_lookahead(experts)
         tokenizer = Tokenizer.from_dir(stored.tokenizer_dir)

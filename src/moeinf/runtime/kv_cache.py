@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeinf.errors import KVCacheDoesNotFit
 from moeinf.models.spec import ModelSpec
 
 
@@ -30,6 +31,33 @@ class MLALayerCache:
 
 
 LayerCache = GQALayerCache | MLALayerCache
+
+
+def bytes_for(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes `allocate` would take, without allocating."""
+    a = spec.attention
+    per_position = 2 * a.num_kv_heads * a.head_dim if a.kind == "gqa" else a.kv_lora_rank + a.qk_rope_head_dim
+    return spec.num_layers * max_seq_len * per_position * torch.empty(0, dtype=dtype).element_size()
+
+
+def allocate_within(
+    spec: ModelSpec, max_seq_len: int, device: torch.device, dtype: torch.dtype, *, beside: int = 0
+) -> list[LayerCache]:
+    """`allocate`, but first refused (KVCacheDoesNotFit) when the cache and `beside` bytes still to load
+    (the dense weights) exceed the memory available on `device`: zeroed at once, a cache that does not
+    fit would swap or get the process killed before the expert budget is even planned."""
+    from moeinf.runtime.budget import format_bytes
+    from moeinf.runtime.cache_plan import available_memory
+
+    need = bytes_for(spec, max_seq_len, dtype)
+    available, what = available_memory(device)
+    if need > available - beside:
+        left = format_bytes(max(0, available - beside))
+        raise KVCacheDoesNotFit(
+            f"a context of {max_seq_len} tokens needs {format_bytes(need)} for its KV cache, but only {left} "
+            f"of {what} is available beside the dense weights ({format_bytes(beside)}): lower --num-ctx"
+        )
+    return allocate(spec, max_seq_len, device, dtype)
 
 
 def allocate(spec: ModelSpec, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> list[LayerCache]:

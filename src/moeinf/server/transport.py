@@ -26,6 +26,7 @@ from moeinf.errors import (
     GatedRepo,
     InvalidCheckpoint,
     InvalidModelName,
+    KVCacheDoesNotFit,
     ModelExists,
     ModelNotFound,
     MoeinfError,
@@ -51,6 +52,7 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ChatTemplateError, 400),
     (InvalidModelName, 400),
     (BudgetTooSmall, 400),
+    (KVCacheDoesNotFit, 400),  # a request's num_ctx too large for this machine
     (ModelNotFound, 404),
     (UnknownAlias, 404),
     (RepoNotFound, 404),
