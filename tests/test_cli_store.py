@@ -75,6 +75,11 @@ def test_show_text_and_json(pulled):
     assert info["bytes_per_expert"] == 3 * spec.hidden_size * spec.expert_dim * 4
     assert info["params_active"] < info["params_total"]
     assert info["commit"] == pulled.manifest.source.commit
+    # MLA keeps the compressed latent and the rotary key per layer and position: what the KV cache allocates
+    a = spec.attention
+    assert info["kv_values_per_token"] == spec.num_layers * (a.kv_lora_rank + a.qk_rope_head_dim)
+    assert info["context_length"] == spec.max_position_embeddings
+    assert "tokens at most" in text.stdout and "per token in fp32" in text.stdout
 
 
 def test_show_verify_detects_flipped_and_truncated_expert_files(pulled):

@@ -97,6 +97,8 @@ class StoredModel:
             "hidden_size": spec.hidden_size,
             "expert_dim": spec.expert_dim,
             "dtype": spec.dtype,
+            "context_length": spec.max_position_embeddings,
+            "kv_values_per_token": spec.kv_values_per_token,
             "params_total": dense_params + moe_layers * spec.num_experts * spec.expert_params,
             "params_active": dense_params + moe_layers * spec.top_k * spec.expert_params,
             "bytes_per_expert": spec.expert_params * itemsize,

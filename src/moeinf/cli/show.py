@@ -52,6 +52,12 @@ def show(
                     f"{info['num_experts']} routed, top-{info['top_k']}, {info['num_shared_experts']} shared",
                 ],
                 ["bytes per expert", ui.human_bytes(info["bytes_per_expert"])],
+                ["context", f"{info['context_length']} tokens at most (run --num-ctx)"],
+                [
+                    "KV cache",
+                    f"{ui.human_bytes(4 * info['kv_values_per_token'])} per token in fp32 (CPU), "
+                    f"{ui.human_bytes(2 * info['kv_values_per_token'])} in bf16 (CUDA)",
+                ],
                 ["dtype", info["dtype"]],
                 ["size", ui.human_bytes(info["size_bytes"])],
                 ["source", info["source"]],

@@ -217,6 +217,16 @@ class ModelSpec:
         """Weights in one routed expert (gate, up, down)."""
         return 3 * self.hidden_size * self.expert_dim
 
+    @property
+    def kv_values_per_token(self) -> int:
+        """Numbers the KV cache keeps per position, all layers: keys and values per kv head (GQA) or the
+        compressed latent and the shared rotary key (MLA)."""
+        a = self.attention
+        per_layer = (
+            2 * a.num_kv_heads * a.head_dim if a.kind == "gqa" else a.kv_lora_rank + a.qk_rope_head_dim
+        )
+        return self.num_layers * per_layer
+
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
 

@@ -35,9 +35,7 @@ LayerCache = GQALayerCache | MLALayerCache
 
 def bytes_for(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype) -> int:
     """Bytes `allocate` would take, without allocating."""
-    a = spec.attention
-    per_position = 2 * a.num_kv_heads * a.head_dim if a.kind == "gqa" else a.kv_lora_rank + a.qk_rope_head_dim
-    return spec.num_layers * max_seq_len * per_position * torch.empty(0, dtype=dtype).element_size()
+    return max_seq_len * spec.kv_values_per_token * torch.empty(0, dtype=dtype).element_size()
 
 
 def allocate_within(
