@@ -169,6 +169,7 @@ def test_all_resident_is_skipped_when_the_experts_do_not_fit(model):
     result = run_bench(config, worker=worker_without_room)
     assert list(result["policies"]) == ["lru"] and len(result["runs"]["lru"]) == 2
     assert any(n.startswith("skipped: bench run of all-resident: RAM budget 100%") for n in result["notes"])
+    assert not any("it needs all-resident in --policies" in n for n in result["notes"])  # it was there
     assert result["limit"]["tokens_per_s"] is None
     with pytest.raises(BenchRunFailed, match="disk"):  # any other failure still stops the bench
 
