@@ -133,3 +133,18 @@ def test_trace_file_recorder_hands_a_failed_write_to_on_error(tmp_path):
                 rec.end_request()
         else:
             assert rec.end_request() is not None and "cannot write" in str(errors[0])
+
+
+def test_trace_file_recorder_rotates_at_its_size_bound(tmp_path):
+    """A server's recorder leaves a file complete at `rotate_bytes` and goes on in <stem>-2.npz, -3...:
+    what it keeps in memory and rewrites per request stays bounded."""
+    one_token = 1 * 2 * 6  # layers x top-k x (int16 id + float32 weight)
+    rec = TraceFileRecorder(
+        tmp_path / "m.npz", num_moe_layers=1, num_experts=4, top_k=2, rotate_bytes=3 * one_token
+    )
+    for _ in range(3):  # requests of 2 tokens: the first file is full after two of them
+        rec.start_request()
+        forward(rec, [torch.tensor([[0, 1], [2, 3]])])
+        rec.end_request()
+    assert read_trace(tmp_path / "m.npz").num_requests == 2
+    assert read_trace(tmp_path / "m-2.npz").num_requests == 1 and len(rec.requests) == 1

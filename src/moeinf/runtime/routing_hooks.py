@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -84,7 +85,9 @@ class TraceFileRecorder(RoutingRecorder):
     prompt and generated, with the router's weights; meta `prefill_tokens` gives each request's prompt
     part: the tokens generation says it prefilled (`prompt_done`; a long prompt runs in several
     forwards of `PREFILL_CHUNK` tokens), else its first forward. Written atomically: an interrupted
-    run leaves the last complete file."""
+    run leaves the last complete file. With `rotate_bytes` (a server), once the file's routing reaches
+    that size it is left complete and the next requests go to `<stem>-2.npz`, `-3`...: memory and the
+    rewrite per request stay bounded."""
 
     def __init__(
         self,
@@ -94,12 +97,18 @@ class TraceFileRecorder(RoutingRecorder):
         top_k: int,
         *,
         on_error: Callable[[MoeinfError], None] | None = None,
+        rotate_bytes: int | None = None,
         **meta,
     ) -> None:
         super().__init__(num_moe_layers, num_experts, top_k)
-        self.path = path
+        self.path = self.first_path = Path(path).expanduser()
         self.meta = meta
         self.on_error = on_error  # a write that fails goes there (a server logs it), else it is raised
+        # int16 ids and float32 weights per token, layer and choice
+        self._rotate_tokens = (
+            None if rotate_bytes is None else max(1, rotate_bytes // (num_moe_layers * top_k * 6))
+        )
+        self._part = 1
         self.prefill_tokens: list[int] = []
         self._first = 0  # tokens of the request's first forward
         self._prompt: int | None = None  # tokens prefilled, as told by `prompt_done`
@@ -131,6 +140,13 @@ class TraceFileRecorder(RoutingRecorder):
                 if self.on_error is None:
                     raise error from None
                 self.on_error(error)
+            if self._rotate_tokens is not None and sum(map(len, self.requests)) >= self._rotate_tokens:
+                self._part += 1
+                first = self.first_path
+                self.path = first.with_name(f"{first.stem}-{self._part}{first.suffix}")
+                self.requests.clear()
+                self.request_probs.clear()
+                self.prefill_tokens.clear()
         return routing
 
 

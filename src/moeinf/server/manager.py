@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moeinf.server")
 
+# --record-trace: a model's trace file is left complete at about this size and the next one begun, so the
+# routing kept in memory and rewritten after each request stays bounded however long the server runs.
+TRACE_FILE_BYTES = 64 * 2**20
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -140,7 +144,12 @@ class ModelManager:
             again = "" if recorder is None else time.strftime("-%H%M%S")  # replaced: never the same file
             path = Path(folder) / f"{engine.name}-{self._started}{again}.npz"
             recorder = TraceFileRecorder(
-                path, **shape, on_error=self._trace_write_failed, model=engine.name, source="moeinf serve"
+                path,
+                **shape,
+                on_error=self._trace_write_failed,
+                rotate_bytes=TRACE_FILE_BYTES,
+                model=engine.name,
+                source="moeinf serve",
             )
             self._recorders[engine.name] = recorder
             log.info("recording %s's routing to %s", engine.name, path)
