@@ -104,8 +104,11 @@ def test_read_rejects_non_trace_files(tmp_path):
     with pytest.raises(InvalidTrace, match="missing"):
         read_trace(tmp_path / "x.npz")
     (tmp_path / "y.npz").write_bytes(b"not a zip")
-    with pytest.raises(InvalidTrace, match="cannot read"):
+    with pytest.raises(InvalidTrace, match="not a routing trace") as err:
         read_trace(tmp_path / "y.npz")
+    assert "pickle" not in str(err.value)  # numpy's guess at a file it cannot place
+    with pytest.raises(InvalidTrace, match="cannot read"):
+        read_trace(tmp_path / "missing.npz")
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="shared gpt-oss trace not present")

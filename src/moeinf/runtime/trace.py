@@ -10,6 +10,7 @@ the trace library and routing replay read it. numpy only.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,8 @@ def validate(trace: Trace) -> None:
 def read_trace(path: str | Path) -> Trace:
     """Load and validate a trace file."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # numpy would call it pickled data
+        raise InvalidTrace(f"{path}: not a routing trace (the trace format is an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             files = set(data.files)
