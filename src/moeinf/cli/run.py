@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Annotated
@@ -179,8 +180,11 @@ def _check_writable(path: str) -> None:
     folder = target.resolve().parent
     while not folder.exists():  # missing folders are created at the first write
         folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise BadOption(f"--record-trace {path}: cannot write in {folder}")
+    try:  # a real write (and its removal): permission bits do not tell for /proc, read-only mounts...
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise BadOption(f"--record-trace {path}: cannot write in {folder}") from None
 
 
 def _routing_hooks(engine, *, replay: str | None, record: str | None, model: str) -> None:
