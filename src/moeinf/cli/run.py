@@ -180,11 +180,18 @@ def _check_writable(path: str) -> None:
     folder = target.resolve().parent
     while not folder.exists():  # missing folders are created at the first write
         folder = folder.parent
-    try:  # a real write (and its removal): permission bits do not tell for /proc, read-only mounts...
+    if not can_write_in(folder):
+        raise BadOption(f"--record-trace {path}: cannot write in {folder}")
+
+
+def can_write_in(folder) -> bool:
+    """Whether a file can be created in `folder`, by creating (and removing) one: permission bits do not
+    tell for /proc, read-only mounts or a full quota."""
+    try:
         with tempfile.TemporaryFile(dir=folder):
-            pass
+            return True
     except OSError:
-        raise BadOption(f"--record-trace {path}: cannot write in {folder}") from None
+        return False
 
 
 def _routing_hooks(engine, *, replay: str | None, record: str | None, model: str) -> None:

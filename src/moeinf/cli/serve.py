@@ -129,8 +129,9 @@ def serve(
 
 def _trace_folder(path: str):
     """--record-trace: the folder (created if missing), refused now rather than at the first request."""
-    import os
     from pathlib import Path
+
+    from moeinf.cli.run import can_write_in
 
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -141,7 +142,7 @@ def _trace_folder(path: str):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadOption(f"--record-trace {path}: cannot create it ({e.strerror})") from None
-    if not os.access(folder, os.W_OK):
+    if not can_write_in(folder):
         raise BadOption(f"--record-trace {path}: cannot write in it")
     return folder.resolve()
 
