@@ -267,3 +267,18 @@ def test_bench_cli_runs_workers_in_subprocesses(model):
     assert [row[0] for row in rows] == ["lru", "limit"] and all(len(row) == len(COLUMNS) for row in rows)
     assert out["limit"]["tokens_per_s"] is None and out["policies"]["lru"]["of_limit"] is None
     assert any("all-resident" in note for note in out["notes"])
+
+
+def test_bad_options_fail_before_any_run(model):
+    """Flags are checked before the model is probed or a worker starts (none is called here)."""
+
+    def no_worker(config: BenchConfig, policy: str) -> dict:
+        raise AssertionError("a worker ran")
+
+    bad = [{"ram_mem": "200%"}, {"gpu_mem": "lots"}, {"repeat": 0}, {"max_tokens": 1}]
+    for options in bad:
+        config = BenchConfig(model=model, policies=["lru"], prompts=list(BUILTIN_PROMPTS[:1]), max_tokens=3)
+        for key, value in options.items():
+            setattr(config, key, value)
+        with pytest.raises(BadOption):
+            run_bench(config, worker=no_worker)

@@ -210,6 +210,11 @@ def run_bench(
         raise BadOption(
             f"--max-tokens must be >= 2 (decode needs a token after the first), got {config.max_tokens}"
         )
+    from moeinf.runtime.budget import parse_size
+
+    for budget in (config.ram_mem, config.gpu_mem):
+        if budget is not None:
+            parse_size(budget)  # a bad size fails here, not in every worker after the probes
     if config.routing_trace:
         from moeinf.runtime.trace import read_trace
 
