@@ -46,6 +46,33 @@ def test_simulate_json(trace_file, tmp_path):
         assert by[("lru", cap)]["fetches_per_token"] >= by[("oracle", cap)]["fetches_per_token"]
 
 
+def test_simulate_several_files_as_one_trace(trace_file, tmp_path):
+    """A server's rotated files (or any traces of one shape) replay as one trace, each file's prompt
+    tokens left out by its own meta; a file of another shape is refused."""
+    from moeinf.runtime.trace import Trace, read_trace
+
+    whole = read_trace(trace_file)  # 4 requests of 15 tokens
+    first = whole.select([0, 1])
+    prompts = {**first.meta, "prefill_tokens": [2, 3]}  # per request, as run/serve --record-trace write it
+    a = write_trace(Trace(first.experts, first.seq_offsets, prompts, first.probs), tmp_path / "a.npz")
+    b = write_trace(whole.select([2, 3]), tmp_path / "b.npz")
+    joined = invoke("trace", "simulate", a, b, "--capacity", "25%", "--policies", "lru,oracle", "--json")
+    assert joined.exit_code == 0, joined.output
+    out = json.loads(joined.stdout)
+    assert out["tokens"] == 60 - 5 and out["requests"] == 4 and out["trace"] == [str(a), str(b)]
+    keep = np.ones(60, dtype=bool)
+    keep[[0, 1, 15, 16, 17]] = False  # the prompt tokens of requests 0 and 1
+    alone = Trace(whole.experts[keep], np.array([0, 13, 25, 40, 55]), dict(whole.meta))
+    single = invoke("trace", "simulate", write_trace(alone, tmp_path / "c.npz"), "--capacity", "25%",
+                    "--policies", "lru,oracle", "--json")  # fmt: skip
+    assert [r["fetches"] for r in json.loads(single.stdout)["results"]] == [
+        r["fetches"] for r in out["results"]
+    ]
+    other = write_trace(make_trace([np.zeros((3, 2, 2), int) + [0, 1]], num_experts=8), tmp_path / "o.npz")
+    bad = invoke("trace", "simulate", a, other)
+    assert bad.exit_code != 0 and "different shapes" in bad.stderr
+
+
 def test_simulate_table_per_layer(trace_file):
     result = invoke("trace", "simulate", trace_file, "--capacity", "50%", "--policies", "lru", "--per-layer")
     assert result.exit_code == 0, result.output

@@ -61,7 +61,10 @@ def _load_library_source(path: Path, trace):
 
 @trace_app.command("simulate")
 def simulate(
-    trace_file: Annotated[Path, typer.Argument(metavar="TRACE.npz", help="routing trace to replay")],
+    trace_files: Annotated[
+        list[Path],
+        typer.Argument(metavar="TRACE.npz...", help="routing trace(s) to replay, one after the other"),
+    ],
     library: Annotated[
         Path | None,
         typer.Option("--library", metavar="LIB.npz", help="pre-load the trace library from this file"),
@@ -80,7 +83,7 @@ def simulate(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Replay a routing trace through cache policies: fetches, misses, wasted prefetches, modelled time.
+    """Replay routing traces through cache policies: fetches, misses, wasted prefetches, modelled time.
 
     A trace from `moeinf run --record-trace` holds the prompt tokens too; they are left out unless
     --with-prefill (the simulator models decode: one token at a time, layer by layer)."""
@@ -88,16 +91,17 @@ def simulate(
         from moeinf.bench.simulator import simulate_grid
         from moeinf.errors import BadOption
         from moeinf.runtime.policy import POLICIES
-        from moeinf.runtime.trace import read_trace
+        from moeinf.runtime.trace import concat_traces, read_trace
 
         caps = parse_capacities(capacity)
         names = [p.strip() for p in policies.split(",") if p.strip()]
         unknown = [n for n in names if n not in POLICIES]
         if unknown or not names:
             raise BadOption(f"unknown policy {unknown!r}; choose from: {', '.join(sorted(POLICIES))}")
-        trace = read_trace(trace_file)
-        if not with_prefill:
-            trace = trace.decode_only()
+        parts = [read_trace(f) for f in trace_files]
+        if not with_prefill:  # per file: each knows its requests' prompt tokens
+            parts = [t.decode_only() for t in parts]
+        trace = concat_traces(parts) if len(parts) > 1 else parts[0]
         if requests is not None:
             trace = trace.select(list(range(min(requests, trace.num_requests))))
         source = library
@@ -122,7 +126,7 @@ def simulate(
         rows = [r.to_dict() for r in results]
         if as_json:
             out = {
-                "trace": str(trace_file),
+                "trace": str(trace_files[0]) if len(trace_files) == 1 else [str(f) for f in trace_files],
                 "library": str(library) if library else None,
                 "tokens": trace.num_tokens,
                 "requests": trace.num_requests,

@@ -104,6 +104,36 @@ class Trace:
         return Trace(self.experts[keep], offsets, meta, probs)
 
 
+def concat_traces(traces: Sequence[Trace]) -> Trace:
+    """One trace with the requests of `traces` in order (e.g. a server's rotated files). All must have
+    the same layers x experts x top-k; weights are kept when every part has them; per-request meta
+    lists are kept when every part has them, other meta comes from the first part."""
+    first = traces[0]
+    shape = (first.num_layers, first.num_experts, first.top_k)
+    for t in traces[1:]:
+        if (t.num_layers, t.num_experts, t.top_k) != shape:
+            raise InvalidTrace(
+                f"traces of different shapes cannot be joined: {shape} and "
+                f"{(t.num_layers, t.num_experts, t.top_k)} (layers, experts, top-k)"
+            )
+    offsets = [np.asarray([0], dtype=np.int64)]
+    base = 0
+    for t in traces:
+        offsets.append(t.seq_offsets[1:] + base)
+        base += t.num_tokens
+    meta = dict(first.meta)
+    for key in PER_REQUEST_META:
+        parts = [t.meta.get(key) for t in traces]
+        if all(isinstance(p, list) and len(p) == t.num_requests for p, t in zip(parts, traces, strict=True)):
+            meta[key] = [item for p in parts for item in p]
+        else:
+            meta.pop(key, None)
+    probs = None
+    if all(t.probs is not None for t in traces):
+        probs = np.concatenate([t.probs for t in traces])
+    return Trace(np.concatenate([t.experts for t in traces]), np.concatenate(offsets), meta, probs)
+
+
 def eam(experts: np.ndarray, num_experts: int) -> np.ndarray:
     """Expert activation matrix [L, E] (int64 counts) of a token block `experts [T, L, K]`."""
     T, L, K = experts.shape
