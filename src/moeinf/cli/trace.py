@@ -101,7 +101,7 @@ def simulate(
         parts = [read_trace(f) for f in trace_files]
         if not with_prefill:  # per file: each knows its requests' prompt tokens
             parts = [t.decode_only() for t in parts]
-        trace = concat_traces(parts) if len(parts) > 1 else parts[0]
+        trace = concat_traces(parts)
         if requests is not None:
             trace = trace.select(list(range(min(requests, trace.num_requests))))
         source = library

@@ -108,6 +108,8 @@ def concat_traces(traces: Sequence[Trace]) -> Trace:
     """One trace with the requests of `traces` in order (e.g. a server's rotated files). All must have
     the same layers x experts x top-k; weights are kept when every part has them; per-request meta
     lists are kept when every part has them, other meta comes from the first part."""
+    if len(traces) == 1:
+        return traces[0]
     first = traces[0]
     shape = (first.num_layers, first.num_experts, first.top_k)
     for t in traces[1:]:
